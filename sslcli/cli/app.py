@@ -1,0 +1,22 @@
+"""The `ssl` command: a thin Typer app. Each command parses, calls one library function, renders."""
+
+from __future__ import annotations
+
+import typer
+
+from sslcli.cli import presets
+from sslcli.cli.pretrain import pretrain_command
+
+app = typer.Typer(
+    name="ssl",
+    help="Pretrain, evaluate and audit self-distillation vision models (DINO, AdaSim, SimDINO, SOVE).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("pretrain")(pretrain_command)
+app.add_typer(presets.app, name="presets")
+
+
+def main() -> None:
+    app()

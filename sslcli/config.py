@@ -1,0 +1,370 @@
+"""Configuration: typed dataclasses, preset lookup, YAML + dotted overrides, validation.
+
+A config is resolved once, in this order, each step deep-merging into the previous one:
+  defaults of the dataclasses <- preset (and the chain of presets it `extends:`) <- `--config FILE`
+  <- each `--set a.b=value` (value parsed as YAML, so `--set optim.lr=1e-3` is a float).
+Then `from_dict` builds the dataclasses, rejecting unknown keys and values of the wrong type with
+a `ConfigError` that names the dotted key and the closest valid names (exit code 2).
+
+Code below the CLI receives its own sub-config (`ModelConfig`, `DataConfig`, ...), never the root.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sslcli.errors import ConfigError, hint
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class SourceConfig:
+    """Where a preset comes from: paper, table, row and the numbers the paper reports."""
+
+    paper: str = ""
+    table: str = ""
+    row: str = ""
+    reported: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """Backbone: any timm model name; `kwargs` go to timm.create_model (e.g. a tiny ViT)."""
+
+    arch: str = "vit_small_patch16_224"
+    drop_path_rate: float = 0.1
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodConfig:
+    """Self-distillation method and its head. Field use per method is in each method's docstring."""
+
+    name: Literal["dino"] = "dino"
+    out_dim: int = 65536  # K, number of prototypes
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    head_layers: int = 3
+    use_bn_in_head: bool = False
+    norm_last_layer: bool = True
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04  # final teacher temperature
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996  # cosine from this to momentum_teacher_end, per iteration
+    momentum_teacher_end: float = 1.0
+    freeze_last_layer: int = 1  # epochs during which the head's last layer is not updated
+
+
+@dataclass
+class BootstrapConfig:
+    """Neighbour bootstrapping (AdaSim and friends). Only `none` is available so far."""
+
+    name: Literal["none"] = "none"
+
+
+@dataclass
+class DataConfig:
+    """Training data and DINO's multi-crop augmentation (spec: methods.md "Shared pieces")."""
+
+    path: str = "builtin:shapes"  # ImageFolder root, unlabeled folder, or builtin:<name>
+    global_crops: int = 2
+    global_crop_size: int = 224
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops: int = 8
+    local_crop_size: int = 96
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    color_jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global 1, global 2, local
+    solarize_prob: float = 0.2  # global view 2 only
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and schedules. `batch_size` is the total over all processes."""
+
+    name: Literal["adamw", "sgd", "lars"] = "adamw"
+    batch_size: int = 1024
+    lr: float = 0.0005  # per 256 images
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"  # lr * (batch/256) or sqrt(batch/1024)
+    min_lr: float = 1.0e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum: float = 0.9  # sgd / lars
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float = 3.0  # per-parameter-tensor norm clip; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    """Loop, precision, reproducibility and checkpointing."""
+
+    epochs: int = 100
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on capable GPUs, fp32 on CPU
+    compile: bool = False
+    seed: int = 0
+    workers: int = 10  # data-loader workers per process
+    checkpoint_every: int = 10  # epochs between kept checkpoints (last.safetensors every epoch)
+    log_every: int = 10  # steps between metrics.jsonl lines (the only host syncs)
+
+
+@dataclass
+class MonitorConfig:
+    """Online weighted k-NN monitor of the teacher (0 = off)."""
+
+    knn_every: int = 0  # epochs
+    knn_train: str | None = None  # labeled train split; default: the built-in data's train split
+    knn_val: str | None = None  # labeled val split; default: the built-in data's val split
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+
+
+@dataclass
+class Config:
+    """The whole run: one YAML document (see presets/)."""
+
+    name: str = "custom"
+    notes: str = ""
+    source: SourceConfig = field(default_factory=SourceConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+
+# ----------------------------------------------------------------------------- dict -> dataclass
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (e.g. list -> tuple)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, args))}, got "
+                              f"{value!r}{hint(str(value), map(str, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"config key '{key}' must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):
+        return value
+    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict; unknown keys and bad types raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or 'root'}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            valid = [f"{prefix}{n}" for n in names]
+            raise ConfigError(f"unknown config key '{dotted}'{hint(dotted, valid)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) suitable for YAML/JSON."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=100)
+
+
+# ----------------------------------------------------------------------------- presets and files
+
+
+def preset_dir() -> Path:
+    """The folder of shipped presets (inside the installed wheel, or presets/ in a checkout)."""
+    try:
+        return Path(str(resources.files("sslcli.presets")))
+    except ModuleNotFoundError:  # running from a source tree that is not installed
+        return Path(__file__).resolve().parents[1] / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config file '{path}': {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    return data
+
+
+def _preset_path(name_or_file: str) -> Path:
+    path = Path(name_or_file)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"preset file '{name_or_file}' does not exist")
+        return path
+    candidate = preset_dir() / f"{name_or_file}.yaml"
+    if not candidate.is_file():
+        raise ConfigError(f"unknown preset '{name_or_file}'{hint(name_or_file, preset_names())}"
+                          " (see: ssl presets list)")
+    return candidate
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` merged into a copy of `base`; nested mappings merge, everything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_preset_dict(name_or_file: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The raw dict of a preset with its `extends:` chain merged in (base first)."""
+    path = _preset_path(name_or_file)
+    if str(path) in _seen:
+        raise ConfigError(f"preset '{name_or_file}' extends itself (cycle: {' -> '.join(_seen)})")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"'extends' in '{path}' must be a preset name or file")
+    if not Path(parent).is_absolute() and (path.parent / parent).is_file():
+        parent = str(path.parent / parent)
+    merged = deep_merge(load_preset_dict(parent, _seen + (str(path),)), data)
+    if "source" in data:  # a row's provenance is its own: never inherit reported numbers
+        merged["source"] = copy.deepcopy(data["source"])
+    return merged
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """'a.b=value' -> {'a': {'b': <value parsed as YAML>}}."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set expects KEY=VALUE with a dotted key (e.g. optim.lr=0.001), got '{text}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def load_config(preset: str | None = None, config_file: str | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Resolve a config from a preset, a config file and `--set` overrides (see module doc)."""
+    data: dict[str, Any] = {}
+    if preset:
+        data = load_preset_dict(preset)
+        data.setdefault("name", Path(preset).stem if Path(preset).suffix else preset)
+    if config_file:
+        extra = _read_yaml(Path(config_file))
+        parent = extra.pop("extends", None)
+        if parent:
+            data = deep_merge(data, load_preset_dict(parent))
+        data = deep_merge(data, extra)
+    for text in overrides:
+        data = deep_merge(data, parse_override(text))
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    checks = [
+        (cfg.data.global_crops == 2, "data.global_crops must be 2 (the teacher sees two global views)"),
+        (cfg.data.local_crops >= 0, "data.local_crops must be >= 0"),
+        (cfg.optim.batch_size > 0, "optim.batch_size must be positive"),
+        (cfg.train.epochs > 0, "train.epochs must be positive"),
+        (cfg.train.log_every > 0, "train.log_every must be positive"),
+        (cfg.train.checkpoint_every > 0, "train.checkpoint_every must be positive"),
+        (cfg.train.workers >= 0, "train.workers must be >= 0"),
+        (cfg.method.out_dim > 0, "method.out_dim must be positive"),
+        (cfg.method.warmup_teacher_temp_epochs <= cfg.train.epochs,
+         "method.warmup_teacher_temp_epochs must not exceed train.epochs"),
+        (cfg.monitor.knn_every >= 0, "monitor.knn_every must be >= 0"),
+        (0 <= cfg.method.center_momentum <= 1, "method.center_momentum must be in [0, 1]"),
+        (all(0 < s <= 1 for s in cfg.data.global_crops_scale + cfg.data.local_crops_scale),
+         "crop scales must lie in (0, 1]"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

@@ -1,0 +1,190 @@
+"""Training data loading: deterministic per-sample augmentation, epoch batch sampler, collate.
+
+Determinism contract: the crops of image i in epoch e depend only on (seed, e, i) -- not on the
+number of workers, the number of processes or the resume point. `EpochBatchSampler` yields
+(epoch, index) pairs; `TrainSet` seeds Python's `random` and torch's CPU generator from
+(seed, epoch, index) before the transform, and restores both afterwards so that in-process
+loading (workers=0) leaves the caller's RNG streams (e.g. the model's dropout) untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from sslcli.config import DataConfig
+from sslcli.data.datasets import ImageDataset
+from sslcli.data.transforms import MultiCropTransform
+from sslcli.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_BAD = 50
+
+
+def sample_seed(base_seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed derived from (base_seed, epoch, index) with numpy's SeedSequence hash."""
+    words = np.random.SeedSequence([base_seed % 2**63, epoch, index]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+class TrainSet(Dataset):
+    """Augmented training samples addressed by (epoch, index).
+
+    `trainset[(epoch, i)]` -> {"crops": list of tensors (one per view), "index": int, "label":
+    int, "bad": int}. When image i cannot be read, the next images (i+1, i+2, ... mod N) are tried
+    deterministically; "index"/"label" are those of the image used and "bad" counts the skipped
+    ones. A warning is logged once per bad file per process; DataError after
+    MAX_CONSECUTIVE_BAD consecutive failures.
+    """
+
+    def __init__(self, dataset: ImageDataset, transform: Callable, base_seed: int):
+        self.dataset = dataset
+        self.transform = transform
+        self.base_seed = base_seed
+        self._warned: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _load_first_good(self, index: int):
+        """(image, index used, number of unreadable images skipped)."""
+        n = len(self.dataset)
+        for bad in range(min(MAX_CONSECUTIVE_BAD, n)):
+            j = (index + bad) % n
+            try:
+                return self.dataset.load(j), j, bad
+            except Exception as e:  # PIL raises many types on corrupt files
+                if j not in self._warned:
+                    self._warned.add(j)
+                    logger.warning("skipping unreadable image %d (%s): %s: %s", j,
+                                   self.dataset.paths[j], type(e).__name__, e)
+        raise DataError(f"{min(MAX_CONSECUTIVE_BAD, n)} consecutive unreadable images from id "
+                        f"{index} in '{self.dataset.name}' (e.g. {self.dataset.paths[index]})")
+
+    def _augment(self, img, seed: int) -> list[torch.Tensor]:
+        """Run the transform under `seed`, then restore the caller's RNG states."""
+        py_state, torch_state = random.getstate(), torch.default_generator.get_state()
+        try:
+            random.seed(seed)
+            torch.default_generator.manual_seed(seed)  # CPU only: CUDA generators untouched
+            return self.transform(img)
+        finally:
+            random.setstate(py_state)
+            torch.default_generator.set_state(torch_state)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        img, used, bad = self._load_first_good(int(index))
+        crops = self._augment(img, sample_seed(self.base_seed, int(epoch), int(index)))
+        return {"crops": crops, "index": used, "label": int(self.dataset.labels[used]), "bad": bad}
+
+
+class EpochBatchSampler(Sampler):
+    """Per-rank batches of (epoch, index) pairs, identical in union to the single-process run.
+
+    Epoch e: perm = torch.randperm(n, generator seeded with seed + e); global batch s =
+    perm[s*B:(s+1)*B] (the last incomplete batch is dropped); rank r takes its slice
+    [r*b:(r+1)*b], b = B // world. Each `iter()` yields the rest of the current epoch from the
+    current step, then moves to the start of the next epoch. The position advances when the
+    iteration starts (first batch drawn), not as batches are consumed (workers prefetch): the
+    engine keeps its own (epoch, step) for checkpoints and calls `set_position` on resume.
+    """
+
+    def __init__(self, n: int, batch_size_total: int, rank: int, world: int, seed: int,
+                 start_epoch: int = 0, start_step: int = 0):
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"invalid rank {rank} for world size {world}")
+        if batch_size_total < 1 or batch_size_total % world:
+            raise DataError(f"batch size {batch_size_total} is not divisible by the number of "
+                            f"processes {world}")
+        if n < batch_size_total:
+            raise DataError(f"dataset has {n} images, fewer than the batch size {batch_size_total}")
+        self.n, self.batch_size_total, self.rank, self.world = n, batch_size_total, rank, world
+        self.batch_size = batch_size_total // world
+        self.seed = seed
+        self.set_position(start_epoch, start_step)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Global batches per epoch (n // batch_size_total)."""
+        return self.n // self.batch_size_total
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next `iter()` yields."""
+        return self._epoch
+
+    @property
+    def step(self) -> int:
+        """The step within `epoch` at which the next `iter()` starts."""
+        return self._step
+
+    def set_position(self, epoch: int, step: int) -> None:
+        """Make the next `iter()` start at batch `step` of `epoch` (0 <= step <= steps_per_epoch;
+        step == steps_per_epoch means the start of the next epoch)."""
+        if epoch < 0 or not 0 <= step <= self.steps_per_epoch:
+            raise ValueError(f"invalid position epoch={epoch} step={step} "
+                             f"(steps per epoch: {self.steps_per_epoch})")
+        if step == self.steps_per_epoch:
+            epoch, step = epoch + 1, 0
+        self._epoch, self._step = epoch, step
+
+    def global_batches(self, epoch: int) -> torch.Tensor:
+        """All global batches of `epoch`: int64 [steps_per_epoch, batch_size_total]."""
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        perm = torch.randperm(self.n, generator=g)
+        return perm[: self.steps_per_epoch * self.batch_size_total].view(self.steps_per_epoch, -1)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self._step
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return self._batches()
+
+    def _batches(self) -> Iterator[list[tuple[int, int]]]:
+        # A generator: the position is read and advanced at the first next(), not at iter().
+        # DataLoader calls iter() on its batch sampler twice when it starts workers and drops
+        # the first iterator unused; that one must not consume an epoch.
+        epoch, step = self._epoch, self._step
+        self._epoch, self._step = epoch + 1, 0
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        for batch in self.global_batches(epoch)[step:, lo:hi].tolist():
+            yield [(epoch, i) for i in batch]
+
+
+def collate_crops(samples: list[dict]) -> dict:
+    """Stack TrainSet samples: {"crops": list (per view) of [b, 3, H, W] tensors, "index":
+    int64 [b], "label": int64 [b], "bad": int64 scalar (images skipped in this batch)}."""
+    views = len(samples[0]["crops"])
+    return {
+        "crops": [torch.stack([s["crops"][v] for s in samples]) for v in range(views)],
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+        "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+        "bad": torch.tensor(sum(s["bad"] for s in samples), dtype=torch.long),
+    }
+
+
+def build_train_loader(dataset: ImageDataset, cfg: DataConfig, batch_size_total: int, rank: int,
+                       world: int, seed: int, workers: int,
+                       pin_memory: bool) -> tuple[DataLoader, EpochBatchSampler]:
+    """DataLoader of multi-crop batches for this rank, and its sampler (for set_position).
+
+    Each batch is `collate_crops` output with b = batch_size_total // world images. Workers are
+    persistent with prefetch_factor 4 when workers > 0. `seed` must be the same on all ranks.
+    """
+    sampler = EpochBatchSampler(len(dataset), batch_size_total, rank, world, seed)
+    trainset = TrainSet(dataset, MultiCropTransform(cfg), base_seed=seed)
+    loader = DataLoader(trainset, batch_sampler=sampler, num_workers=workers,
+                        collate_fn=collate_crops, pin_memory=pin_memory,
+                        persistent_workers=workers > 0,
+                        prefetch_factor=4 if workers > 0 else None,
+                        # its own generator: creating an epoch's iterator must not draw from the
+                        # global RNG, or a resumed run's drop-path stream would differ
+                        generator=torch.Generator().manual_seed(seed))
+    return loader, sampler

@@ -1,0 +1,119 @@
+"""Image transforms: DINO's multi-crop augmentation and the evaluation transform.
+
+Follows spec/methods.md "Shared pieces" (and the DINO code it describes). Randomness comes only
+from Python's `random` (blur, solarize) and torch's global CPU generator (crop, flip, jitter,
+grayscale, via torchvision), so seeding both before a call reproduces its crops exactly.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+from PIL import Image, ImageFilter, ImageOps
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+from sslcli.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
+
+BICUBIC = InterpolationMode.BICUBIC
+
+
+class GaussianBlur:
+    """PIL Gaussian blur with probability `p`, radius uniform in [radius_min, radius_max] px.
+
+    Always draws one `random.random()` (then one `random.uniform` when applied), as DINO does.
+    """
+
+    def __init__(self, p: float, radius_min: float = 0.1, radius_max: float = 2.0):
+        self.p, self.radius_min, self.radius_max = p, radius_min, radius_max
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if random.random() >= self.p:
+            return img
+        radius = random.uniform(self.radius_min, self.radius_max)
+        return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+    def __repr__(self) -> str:
+        return f"GaussianBlur(p={self.p}, radius=[{self.radius_min}, {self.radius_max}])"
+
+
+class Solarize:
+    """PIL solarize (invert pixels >= `threshold`) with probability `p`."""
+
+    def __init__(self, p: float, threshold: int = 128):
+        self.p, self.threshold = p, threshold
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if random.random() < self.p:
+            return ImageOps.solarize(img, threshold=self.threshold)
+        return img
+
+    def __repr__(self) -> str:
+        return f"Solarize(p={self.p}, threshold={self.threshold})"
+
+
+def _colour_block(cfg: DataConfig) -> T.Compose:
+    """Flip p=0.5, colour jitter (0.4, 0.4, 0.2, 0.1) with p=color_jitter_prob, grayscale."""
+    return T.Compose([
+        T.RandomHorizontalFlip(p=0.5),
+        T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
+                      p=cfg.color_jitter_prob),
+        T.RandomGrayscale(p=cfg.grayscale_prob),
+    ])
+
+
+def _normalize(mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+    """PIL -> float tensor [3, H, W] in [0, 1] -> (x - mean) / std."""
+    return T.Compose([T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])
+
+
+class MultiCropTransform:
+    """PIL image -> list of crops: 2 global [3, G, G] then `local_crops` local [3, L, L] tensors.
+
+    G = cfg.global_crop_size, L = cfg.local_crop_size (pixels); values normalised with
+    cfg.mean / cfg.std. Global view 1: RRC -> colour block -> blur (p = blur_probs[0]);
+    global view 2: RRC -> colour block -> blur (blur_probs[1]) -> solarize (solarize_prob);
+    local views: RRC(local scale) -> colour block -> blur (blur_probs[2]). RRC is bicubic.
+    """
+
+    def __init__(self, cfg: DataConfig):
+        if cfg.global_crops != 2:
+            raise ValueError(f"MultiCropTransform makes exactly 2 global crops, got {cfg.global_crops}")
+        colour, normalize = _colour_block(cfg), _normalize(cfg.mean, cfg.std)
+        p1, p2, p_local = cfg.blur_probs
+
+        def rrc(size: int, scale: tuple[float, float]) -> T.RandomResizedCrop:
+            return T.RandomResizedCrop(size, scale=tuple(scale), interpolation=BICUBIC)
+
+        self.global1 = T.Compose([rrc(cfg.global_crop_size, cfg.global_crops_scale), colour,
+                                  GaussianBlur(p1), normalize])
+        self.global2 = T.Compose([rrc(cfg.global_crop_size, cfg.global_crops_scale), colour,
+                                  GaussianBlur(p2), Solarize(cfg.solarize_prob), normalize])
+        self.local = T.Compose([rrc(cfg.local_crop_size, cfg.local_crops_scale), colour,
+                                GaussianBlur(p_local), normalize])
+        self.local_crops = cfg.local_crops
+
+    def __call__(self, img: Image.Image) -> list[torch.Tensor]:
+        crops = [self.global1(img), self.global2(img)]
+        crops.extend(self.local(img) for _ in range(self.local_crops))
+        return crops
+
+    def __repr__(self) -> str:
+        return (f"MultiCropTransform(global1={self.global1}, global2={self.global2}, "
+                f"local={self.local_crops} x {self.local})")
+
+
+def eval_transform(crop_size: int, resize_size: int | None = None,
+                   mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD) -> T.Compose:
+    """Deterministic eval transform: PIL -> normalised tensor [3, crop_size, crop_size].
+
+    Resize the shorter side to `resize_size` px (default round(crop_size * 256 / 224)), bicubic,
+    then center-crop `crop_size` px, ToTensor, Normalize(mean, std).
+    """
+    if resize_size is None:
+        resize_size = round(crop_size * 256 / 224)
+    return T.Compose([T.Resize(resize_size, interpolation=BICUBIC), T.CenterCrop(crop_size),
+                      _normalize(mean, std)])

@@ -1,0 +1,36 @@
+"""Collapse diagnostics on batches of outputs (pure functions, no host syncs).
+
+DINO can collapse two ways (Caron et al. 2021, Sec. 5.3): to a uniform teacher output
+(entropy -> log K, centering dominates) or to a one-hot output (entropy -> 0, sharpening
+dominates); the student-teacher KL goes to 0 in both. A collapsed embedding has a per-dimension
+std of the L2-normalised vectors near 0 (healthy: about 1/sqrt(d)) and an effective rank near 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def entropy(probs: Tensor) -> Tensor:
+    """Mean entropy (nats) of rows of probabilities [B, K]."""
+    return -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
+
+
+def kl_divergence(target: Tensor, log_probs: Tensor) -> Tensor:
+    """Mean KL(target || exp(log_probs)) (nats) over rows [B, K]."""
+    return (target * (torch.log(target.clamp_min(1e-12)) - log_probs)).sum(-1).mean()
+
+
+def embedding_std(z: Tensor) -> Tensor:
+    """Mean over dimensions of the batch std of L2-normalised embeddings [B, d]."""
+    z = torch.nn.functional.normalize(z.float(), dim=-1)
+    return z.std(0).mean()
+
+
+def effective_rank(z: Tensor) -> Tensor:
+    """exp(entropy of normalised singular values) of the centred batch [B, d] (Roy & Vetterli 2007)."""
+    z = z.float() - z.float().mean(0, keepdim=True)
+    s = torch.linalg.svdvals(z)
+    p = s / s.sum().clamp_min(1e-12)
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())

@@ -1,0 +1,1 @@
+"""sslcli.eval."""

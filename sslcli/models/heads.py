@@ -1,0 +1,70 @@
+"""Projection heads.
+
+DINOHead (Caron et al. 2021, Sec. 3.1 / appendix): MLP in -> hidden -> hidden -> bottleneck
+(GELU between, optional BN), trunc-normal(0.02) init, zero bias; L2-normalise the bottleneck;
+then a weight-normalised linear layer bottleneck -> K without bias. With norm_last_layer the
+gain is frozen at 1, so logits are cosines to K unit-norm prototypes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int, use_bn: bool) -> nn.Sequential:
+    """Linear(+BN)+GELU blocks, `layers` linears in all, ending in a plain Linear."""
+    if layers == 1:
+        return nn.Sequential(nn.Linear(in_dim, out_dim))
+    blocks: list[nn.Module] = []
+    dims = [in_dim] + [hidden_dim] * (layers - 1)
+    for a, b in zip(dims[:-1], dims[1:]):
+        blocks.append(nn.Linear(a, b))
+        if use_bn:
+            blocks.append(nn.BatchNorm1d(b))
+        blocks.append(nn.GELU())
+    blocks.append(nn.Linear(hidden_dim, out_dim))
+    return nn.Sequential(*blocks)
+
+
+class WeightNormLinear(nn.Module):
+    """y = x (g * v / ||v||_row)^T, the same function as torch's weight_norm(dim=0) on a Linear.
+
+    Written out explicitly so that checkpoints have two plain tensors (`weight_g` [K, 1] and
+    `weight_v` [K, d]) and EMA/state_dict need no parametrization machinery.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, fix_gain: bool):
+        super().__init__()
+        self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))  # nn.Linear's default init
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not fix_gain)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight_g * F.normalize(self.weight_v, dim=1)
+        return F.linear(x, weight)
+
+
+class DINOHead(nn.Module):
+    """[B, in_dim] -> [B, out_dim] logits (see module docstring)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 layers: int = 3, use_bn: bool = False, norm_last_layer: bool = True):
+        super().__init__()
+        self.mlp = mlp(in_dim, hidden_dim, bottleneck_dim, layers, use_bn)
+        self.mlp.apply(_init_linear)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fix_gain=norm_last_layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.normalize(self.mlp(x), dim=-1)  # (B, bottleneck_dim), unit norm
+        return self.last_layer(x)
+
+
+def _init_linear(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,33 @@
+"""Schedules precomputed as arrays, one value per iteration (or per epoch where said).
+
+DINO's `cosine_scheduler`: optional linear warm-up from `warmup_start` to `base` over
+`warmup_iters`, then cosine from `base` to `final` over the remaining iterations.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def cosine_schedule(base: float, final: float, epochs: int, steps_per_epoch: int,
+                    warmup_epochs: int = 0, warmup_start: float = 0.0) -> list[float]:
+    """Per-iteration values, length epochs * steps_per_epoch."""
+    total = epochs * steps_per_epoch
+    warmup = min(warmup_epochs * steps_per_epoch, total)
+    values = [warmup_start + (base - warmup_start) * i / warmup for i in range(warmup)]
+    rest = total - warmup
+    for i in range(rest):
+        values.append(final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / rest)))
+    return values
+
+
+def teacher_temperature_schedule(warmup_temp: float, temp: float, warmup_epochs: int,
+                                 epochs: int) -> list[float]:
+    """Per-epoch teacher temperature: linear warm-up (numpy.linspace inclusive), then constant."""
+    if warmup_epochs <= 0:
+        return [temp] * epochs
+    if warmup_epochs == 1:
+        ramp = [warmup_temp]
+    else:
+        ramp = [warmup_temp + (temp - warmup_temp) * i / (warmup_epochs - 1) for i in range(warmup_epochs)]
+    return ramp + [temp] * (epochs - warmup_epochs)

@@ -1,0 +1,142 @@
+"""Process groups: joining torchrun's, or starting N local processes ourselves.
+
+- `ssl pretrain --gpus N` / `--procs N`: `launch` spawns N processes on this machine with the
+  torchrun environment variables set (MASTER_ADDR=127.0.0.1, a free port, RANK, LOCAL_RANK,
+  WORLD_SIZE), so each process runs exactly what a torchrun worker runs.
+- Under torchrun (multi-node): the variables are already set; `init_distributed` joins the group.
+Backend: NCCL on GPUs, gloo on CPU (which makes DDP testable without GPUs).
+Typed errors raised in a child process are re-raised in the parent with the same class, so the
+exit code is the same as in a single-process run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sslcli import errors
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def in_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def pick_device(kind: str, local_rank: int) -> torch.device:
+    """kind: auto (cuda if available) | cpu | cuda."""
+    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise errors.UsageError("--device cuda requested but no CUDA GPU is visible")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device_kind: str) -> DistEnv:
+    """Join the process group described by the environment, or run as a single process."""
+    if not in_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return DistEnv(0, 1, 0, pick_device(device_kind, 0))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_kind, local_rank)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, rank=rank, world_size=world, **kwargs)
+    return DistEnv(rank, world, local_rank, device)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.world > 1:
+        dist.barrier()
+
+
+def all_gather_rows(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """[L] on every rank -> [world, L] on every rank (through the device for NCCL)."""
+    if env.world == 1:
+        return t.unsqueeze(0)
+    x = t.to(env.device)
+    out = [torch.empty_like(x) for _ in range(env.world)]
+    dist.all_gather(out, x)
+    return torch.stack(out).cpu()
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True on every rank when `flag` is true on some rank (one small all-reduce)."""
+    if env.world == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(local_rank: int, fn: Callable, args: tuple, world: int, port: int, results: Any) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
+                      LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    try:
+        value = fn(*args)
+        results.put((local_rank, "ok", value))
+    except errors.SSLError as e:
+        results.put((local_rank, type(e).__name__, str(e)))
+    finally:
+        cleanup()
+
+
+def _wait(context: mp.ProcessContext) -> None:
+    done = False
+    while not done:
+        done = context.join()
+
+
+def launch(fn: Callable, args: tuple, nprocs: int) -> Any:
+    """Run fn(*args) in `nprocs` local processes; return rank 0's result or re-raise its error."""
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    port = _free_port()
+    context = mp.start_processes(_child, args=(fn, args, nprocs, port, results), nprocs=nprocs,
+                                 join=False, start_method="spawn")
+    try:
+        _wait(context)
+    except KeyboardInterrupt:  # children got SIGINT too: let them write their checkpoint
+        _wait(context)
+    except mp.ProcessRaisedException as e:
+        raise errors.TrainingError(f"a training process failed: {str(e).strip().splitlines()[-1]}") from None
+    except mp.ProcessExitedException as e:
+        raise errors.TrainingError(f"a training process died (exit code {e.exit_code})") from None
+    outcomes = {}
+    while not results.empty():
+        rank, kind, value = results.get()
+        outcomes[rank] = (kind, value)
+    failures = [(r, k, v) for r, (k, v) in sorted(outcomes.items()) if k != "ok"]
+    if failures:
+        _, kind, message = failures[0]
+        raise getattr(errors, kind, errors.SSLError)(message)
+    return outcomes.get(0, ("ok", None))[1]

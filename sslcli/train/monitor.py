@@ -1,0 +1,53 @@
+"""Online weighted k-NN monitor of the teacher backbone (DINO's k-NN protocol on small splits).
+
+With `monitor.knn_every: E`, the teacher's top-1 on a labeled train/val pair is logged before
+training (epoch 0), every E epochs and at the end. When `knn_train`/`knn_val` are not given and the
+training data is `builtin:<name>`, its train/val splits are used. Runs on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sslcli.config import DataConfig, MonitorConfig
+from sslcli.data.datasets import open_dataset
+from sslcli.data.transforms import eval_transform
+from sslcli.errors import ConfigError
+from sslcli.eval.features import extract_features
+from sslcli.eval.knn import knn_classify
+from sslcli.models import Backbone
+
+
+def monitor_splits(cfg: MonitorConfig, data_path: str) -> tuple[str, str]:
+    if cfg.knn_train and cfg.knn_val:
+        return cfg.knn_train, cfg.knn_val
+    if data_path.startswith("builtin:"):
+        name = data_path.split(":")[1]
+        return cfg.knn_train or f"builtin:{name}:train", cfg.knn_val or f"builtin:{name}:val"
+    raise ConfigError("monitor.knn_every needs monitor.knn_train and monitor.knn_val (labeled folders) "
+                      "when the training data is not built-in")
+
+
+class KnnMonitor:
+    def __init__(self, cfg: MonitorConfig, data: DataConfig, data_path: str, device: torch.device,
+                 batch_size: int = 256, workers: int = 2):
+        train_spec, val_spec = monitor_splits(cfg, data_path)
+        self.cfg = cfg
+        self.train = open_dataset(train_spec)
+        self.val = open_dataset(val_spec)
+        if min(self.train.labels.min(), self.val.labels.min()) < 0:
+            raise ConfigError("the k-NN monitor needs labeled train/val folders (class sub-folders)")
+        self.transform = eval_transform(data.global_crop_size, mean=data.mean, std=data.std)
+        self.device = device
+        self.batch_size = batch_size
+        self.workers = workers
+
+    def evaluate(self, backbone: Backbone) -> float:
+        """Weighted k-NN top-1 (percent) of `backbone` features."""
+        args = (self.transform, self.device, self.batch_size, self.workers)
+        train_x, train_y = extract_features(backbone, self.train, *args)
+        val_x, val_y = extract_features(backbone, self.val, *args)
+        result = knn_classify(train_x, train_y, val_x, val_y, ks=(self.cfg.knn_k,),
+                              temperature=self.cfg.knn_temperature,
+                              num_classes=max(len(self.train.classes), int(train_y.max()) + 1))
+        return float(result["top1"])

@@ -1,0 +1,202 @@
+"""Shipped presets: every one resolves, is labelled with its paper row, and carries the paper's values.
+
+No model is built here (that is another test file's job); these tests only read YAML.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from sslcli.config import Config, load_config, load_preset_dict, preset_dir, preset_names, to_dict
+
+PAPER_PRESETS = [
+    "dino-vits16", "dino-vits8", "dino-vitb16", "dino-vitb8", "dino-rn50",
+    "dino2-rn50", "dino2-vits16", "dino2-vitb16",
+    "dino-vitb16-100ep",
+    "dino-vits16-mc2x224", "dino-vits16-mc2x224-2x96", "dino-vits16-mc2x224-6x96",
+    "dino-vits16-mc2x224-10x96",
+]
+
+
+def raw(name: str) -> dict:
+    """The preset file itself, without its `extends:` chain."""
+    return yaml.safe_load((preset_dir() / f"{name}.yaml").read_text())
+
+
+# ----------------------------------------------------------------------------- every preset
+
+
+def test_listed_presets_exist():
+    missing = sorted(set(PAPER_PRESETS) - set(preset_names()))
+    assert not missing, f"presets missing from {preset_dir()}: {missing}"
+
+
+def test_preset_files_have_lowercase_dash_names():
+    for name in preset_names():
+        assert name == name.lower() and "_" not in name and " " not in name, name
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_preset_resolves_and_is_labelled(name):
+    cfg = load_config(name)
+    assert isinstance(cfg, Config)
+    assert cfg.name == name
+    src = cfg.source
+    assert src.paper.strip() and src.table.strip() and src.row.strip(), name
+    assert src.reported, f"{name}: source.reported is empty"
+    for key, value in src.reported.items():
+        assert isinstance(value, float) and math.isfinite(value), (name, key, value)
+    assert isinstance(cfg.notes, str) and cfg.notes.strip(), f"{name}: notes missing"
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_preset_does_not_inherit_its_label(name):
+    """name, source and notes describe one paper row, so each file writes its own.
+
+    Presets deep-merge along `extends:`, so a child that forgot a metric would silently carry
+    its parent's number (e.g. the k-NN of another row). The merged `reported` must be exactly
+    what the file itself writes.
+    """
+    data = raw(name)
+    assert data.get("name") == name
+    assert isinstance(data.get("notes"), str) and data["notes"].strip()
+    own = data.get("source", {}).get("reported", {})
+    assert set(load_preset_dict(name)["source"]["reported"]) == set(own), name
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_preset_round_trips_through_resolved_yaml(name, tmp_path):
+    """The run directory's config.yaml must re-load to the same config."""
+    cfg = load_config(name)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    assert load_config(config_file=str(path)) == cfg
+
+
+# ----------------------------------------------------------------------------- paper values
+
+
+def test_dino_vits16_main_recipe():
+    c = load_config("dino-vits16")
+    assert c.model.arch == "vit_small_patch16_224"
+    assert c.train.epochs == 800
+    assert (c.data.global_crops, c.data.local_crops) == (2, 10)
+    assert (c.data.global_crop_size, c.data.local_crop_size) == (224, 96)
+    assert c.optim.name == "adamw" and c.optim.batch_size == 1024 and c.optim.lr == 0.0005
+    assert c.optim.lr_scaling == "linear" and c.optim.warmup_epochs == 10
+    assert (c.optim.weight_decay, c.optim.weight_decay_end) == (0.04, 0.4)
+    m = c.method
+    assert (m.student_temp, m.warmup_teacher_temp, m.teacher_temp) == (0.1, 0.04, 0.07)
+    assert m.warmup_teacher_temp_epochs == 30
+    assert (m.momentum_teacher, m.momentum_teacher_end, m.center_momentum) == (0.996, 1.0, 0.9)
+    assert m.out_dim == 65536 and m.bottleneck_dim == 256 and m.hidden_dim == 2048
+    assert c.source.reported == {"knn": 74.5, "linear": 77.0}
+
+
+@pytest.mark.parametrize("name, arch, epochs, knn, linear", [
+    ("dino-vits8", "vit_small_patch8_224", 800, 78.3, 79.7),
+    ("dino-vitb16", "vit_base_patch16_224", 400, 76.1, 78.2),
+    ("dino-vitb8", "vit_base_patch8_224", 300, 77.4, 80.1),
+    ("dino-rn50", "resnet50", 800, 67.5, 75.3),
+])
+def test_dino_table2_rows(name, arch, epochs, knn, linear):
+    c = load_config(name)
+    assert c.model.arch == arch and c.train.epochs == epochs
+    assert c.data.local_crops == 10
+    assert c.source.table == "2" and c.source.reported == {"knn": knn, "linear": linear}
+
+
+def test_vit_base_keeps_last_layer_normalised():
+    # DINO's README / SimDINO Table 5: norm_last_layer false diverges for ViT-B.
+    for name in ("dino-vitb16", "dino-vitb8", "dino2-vitb16", "dino-vitb16-100ep"):
+        assert load_config(name).method.norm_last_layer is True, name
+    assert load_config("dino-vits16").method.norm_last_layer is False
+
+
+def test_dino_rn50_sgd_recipe():
+    c = load_config("dino-rn50")
+    assert c.model.arch == "resnet50" and c.model.drop_path_rate == 0.0
+    assert c.optim.name == "sgd" and c.optim.lr == 0.03 and c.optim.momentum == 0.9
+    assert c.optim.weight_decay == c.optim.weight_decay_end == 1e-4
+    assert c.data.global_crops_scale == (0.14, 1.0)
+    assert c.data.local_crops_scale == (0.05, 0.14)
+
+
+@pytest.mark.parametrize("name, arch, epochs, knn, linear", [
+    ("dino2-rn50", "resnet50", 100, 50.2, 60.0),
+    ("dino2-vits16", "vit_small_patch16_224", 800, 68.4, 71.9),
+    ("dino2-vitb16", "vit_base_patch16_224", 800, 69.2, 73.5),
+])
+def test_adasim_dino2_baselines(name, arch, epochs, knn, linear):
+    c = load_config(name)
+    assert c.data.local_crops == 0 and c.data.global_crops == 2
+    assert c.model.arch == arch and c.train.epochs == epochs
+    assert c.source.paper.startswith("AdaSim") and c.source.table == "2"
+    assert c.source.reported == {"knn": knn, "linear": linear}
+    assert c.optim.batch_size == 1024
+    assert c.bootstrap.name == "none"
+
+
+def test_adasim_b2_values():
+    rn = load_config("dino2-rn50")
+    assert rn.optim.name == "sgd" and rn.optim.lr == 0.03
+    assert rn.optim.weight_decay == rn.optim.weight_decay_end == 1e-4
+    assert rn.optim.min_lr == 1e-5 and rn.optim.clip_grad == 0.0
+    assert rn.method.norm_last_layer is False and rn.method.teacher_temp == 0.07
+    assert rn.data.global_crops_scale == (0.14, 1.0)
+    s = load_config("dino2-vits16")
+    assert s.optim.name == "adamw" and s.optim.lr == 0.0005 and s.optim.min_lr == 1e-5
+    assert s.optim.clip_grad == 0.0 and s.method.norm_last_layer is False
+    assert s.data.global_crops_scale == (0.4, 1.0)
+    assert (s.method.warmup_teacher_temp, s.method.teacher_temp) == (0.04, 0.07)
+
+
+def test_simdino_dino_baseline():
+    c = load_config("dino-vitb16-100ep")
+    assert c.source.paper.startswith("SimDINO") and c.source.table == "1"
+    assert c.source.reported == {"knn": 72.9, "linear": 76.3}
+    assert c.model.arch == "vit_base_patch16_224" and c.train.epochs == 100
+    assert c.optim.batch_size == 512 and c.optim.lr == 0.002 and c.optim.clip_grad == 0.3
+    assert c.method.freeze_last_layer == 1 and c.method.warmup_teacher_temp_epochs == 30
+    assert c.data.local_crops == 10
+    assert c.data.global_crops_scale == (0.4, 1.0) and c.data.local_crops_scale == (0.05, 0.4)
+
+
+COMPUTE_ROWS = {  # Table 8, 300-epoch column (+ k-NN from Table 7 / appendix where printed)
+    "dino-vits16-mc2x224": (0, {"linear": 72.5, "knn": 67.9, "time_h": 45.9, "mem_gb": 9.3,
+                                "linear_100ep": 67.8, "time_h_100ep": 15.3}),
+    "dino-vits16-mc2x224-2x96": (2, {"linear": 74.5, "time_h": 51.0, "mem_gb": 10.5,
+                                     "linear_100ep": 71.5, "time_h_100ep": 17.0}),
+    "dino-vits16-mc2x224-6x96": (6, {"linear": 75.9, "knn": 72.7, "time_h": 60.9, "mem_gb": 12.9,
+                                     "linear_100ep": 73.8, "time_h_100ep": 20.3}),
+    "dino-vits16-mc2x224-10x96": (10, {"linear": 76.1, "knn": 72.8, "time_h": 72.6,
+                                       "mem_gb": 15.4, "linear_100ep": 74.6,
+                                       "time_h_100ep": 24.2}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPUTE_ROWS))
+def test_compute_table_rows(name):
+    local, reported = COMPUTE_ROWS[name]
+    c = load_config(name)
+    assert c.model.arch == "vit_small_patch16_224" and c.train.epochs == 300
+    assert c.data.global_crops == 2 and c.data.local_crops == local
+    assert c.source.table == "8" and c.source.reported == reported
+
+
+def test_compute_table_rows_differ_only_in_local_crops():
+    """The four rows are one recipe; only the number of 96-px crops changes."""
+    base = to_dict(load_config("dino-vits16-mc2x224-10x96"))
+    for name in COMPUTE_ROWS:
+        other = to_dict(load_config(name))
+        diff = {k for k in base if base[k] != other[k]} - {"name", "notes", "source", "data"}
+        assert not diff, (name, diff)
+        data_diff = {k for k in base["data"] if base["data"][k] != other["data"][k]}
+        assert data_diff <= {"local_crops"}, (name, data_diff)
+    # and the recipe is dino-vits16's apart from the epochs
+    vits16 = to_dict(load_config("dino-vits16"))
+    for section in ("model", "method", "data", "optim"):
+        assert base[section] == vits16[section], section
