@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ class BootstrapConfig:
 class DataConfig:
     """Training data and DINO's multi-crop augmentation (spec: methods.md "Shared pieces")."""
 
-    path: str = "builtin:shapes"  # ImageFolder root, unlabeled folder, or builtin:<name>
+    path: str | None = None  # ImageFolder root, unlabeled folder, or builtin:<name>; --data sets it
     global_crops: int = 2
     global_crop_size: int = 224
     global_crops_scale: tuple[float, float] = (0.4, 1.0)
@@ -154,6 +155,9 @@ class Config:
 # ----------------------------------------------------------------------------- dict -> dataclass
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -192,6 +196,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
     if tp is bool and isinstance(value, bool):
         return value
     if tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):

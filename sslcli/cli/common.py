@@ -46,7 +46,6 @@ def setup_logging(quiet: bool = False) -> None:
     for h in logger.handlers:
         if isinstance(h, RichHandler):
             h.setLevel(logging.WARNING if quiet else logging.INFO)
-    logger.propagate = False
 
 
 def emit_json(obj: Any) -> None:

@@ -32,12 +32,16 @@ def list_presets(json_out: bool = typer.Option(False, "--json", help="Print a JS
         emit_json(rows)
         return
     table = Table(title="sslcli presets")
-    for column in ("name", "method", "arch", "epochs", "crops", "paper", "table", "row", "reported"):
+    table.add_column("name", no_wrap=True)  # names are copied into commands: never wrapped
+    table.add_column("method")
+    table.add_column("arch", no_wrap=True)
+    for column in ("epochs", "crops", "paper", "table", "row", "reported"):
         table.add_column(column, overflow="fold")
     for r in rows:
         reported = ", ".join(f"{k} {v}" for k, v in r["reported"].items())
+        paper = r["paper"].split(" (")[0]  # the full citation is in `ssl presets show` / --json
         table.add_row(r["name"], r["method"] + ("" if r["bootstrap"] == "none" else f"+{r['bootstrap']}"),
-                      r["arch"], str(r["epochs"]), r["crops"], r["paper"], r["table"], r["row"], reported)
+                      r["arch"], str(r["epochs"]), r["crops"], paper, r["table"], r["row"], reported)
     stdout.print(table)
 
 

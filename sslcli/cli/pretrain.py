@@ -13,6 +13,7 @@ from sslcli.cli.common import emit_json, exits_on_errors, setup_logging, stdout
 from sslcli.cli.progress import ReporterFactory
 from sslcli.config import load_config
 from sslcli.errors import UsageError
+from sslcli.train.distributed import in_torchrun
 from sslcli.train.pretrain import RunOptions, pretrain
 
 
@@ -52,6 +53,8 @@ def pretrain_command(
     if out is None:
         if resume:
             raise UsageError("--resume needs --out RUN_DIR")
+        if in_torchrun():  # every rank must name the same (shared) directory
+            raise UsageError("under torchrun pass --out RUN_DIR (on storage shared by all nodes)")
         out = Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     opts = RunOptions(out=out, resume=resume, device="cuda" if gpus else ("cpu" if procs and device == "auto" else device),
                       procs=max(gpus, procs, 1))

@@ -36,6 +36,13 @@ class Backbone(nn.Module):
         self.embed_dim: int = model.num_features
         self.is_vit = hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens")
 
+    @property
+    def patch_size(self) -> int:
+        """Pixels per token side: the ViT patch size, or the CNN's total stride (feature reduction)."""
+        if self.is_vit:
+            return int(self.model.patch_embed.patch_size[0])
+        return int(self.model.feature_info[-1]["reduction"])
+
     def forward(self, x: Tensor) -> Tensor:
         """[B, 3, H, W] -> [B, D]."""
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)

@@ -18,10 +18,10 @@ from sslcli.eval.knn import knn_classify
 from sslcli.models import Backbone
 
 
-def monitor_splits(cfg: MonitorConfig, data_path: str) -> tuple[str, str]:
+def monitor_splits(cfg: MonitorConfig, data_path: str | None) -> tuple[str, str]:
     if cfg.knn_train and cfg.knn_val:
         return cfg.knn_train, cfg.knn_val
-    if data_path.startswith("builtin:"):
+    if data_path and data_path.startswith("builtin:"):
         name = data_path.split(":")[1]
         return cfg.knn_train or f"builtin:{name}:train", cfg.knn_val or f"builtin:{name}:val"
     raise ConfigError("monitor.knn_every needs monitor.knn_train and monitor.knn_val (labeled folders) "

@@ -53,6 +53,13 @@ def pretrain(cfg: Config, opts: RunOptions, make_reporter: Callable[[], Reporter
     """Train; return the summary dict (also written to summary.json)."""
     if opts.resume and not (opts.out / "checkpoints" / "last.safetensors").is_file():
         raise UsageError(f"--resume: no checkpoint at {opts.out / 'checkpoints' / 'last.safetensors'}")
+    if not opts.resume and (opts.out / "checkpoints" / "last.safetensors").is_file():
+        raise UsageError(f"run directory '{opts.out}' already holds a run: pass --resume to continue it, "
+                         "or choose another --out")
+    if not cfg.data.path:
+        raise UsageError(f"preset '{cfg.name}' has no training data: pass --data PATH (an ImageFolder root, "
+                         "a folder of images, or builtin:shapes)")
+    open_dataset(cfg.data.path, cache_dir=opts.out)  # fail fast on a missing/empty dataset (exit 2)
     if opts.procs > 1 and not in_torchrun():
         return launch(train_process, (cfg, opts, make_reporter), opts.procs)
     return train_process(cfg, opts, make_reporter)

@@ -1,0 +1,85 @@
+"""The house rules of DESIGN.md that a test can check: imports point down, no UI below cli/."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import sslcli
+
+PACKAGE = Path(sslcli.__file__).parent
+
+# Lower number = lower layer. A module may import its own layer or any lower one.
+LAYERS = {
+    "errors": 0, "config": 0, "schedules": 0, "diagnostics": 0,
+    "data": 1, "models": 1, "losses": 1,
+    "methods": 2, "bootstrap": 2,
+    "eval": 3,
+    "train": 4, "export": 4,
+    "cli": 5, "__main__": 6,
+}
+
+
+def layer_of(module: str) -> int:
+    parts = module.split(".")
+    if parts[0] != "sslcli" or len(parts) == 1:
+        return -1  # `import sslcli` (the version) is fine from anywhere
+    return LAYERS[parts[1]]
+
+
+def imports(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append(node.module)
+    return found
+
+
+def modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        name = ".".join(rel.parts).removesuffix(".__init__")
+        if name.startswith("sslcli.presets"):
+            continue
+        yield name, path
+
+
+def test_every_module_has_a_layer():
+    for name, _ in modules():
+        if name != "sslcli":
+            layer_of(name)  # KeyError for a package missing from LAYERS
+
+
+def test_imports_point_down():
+    violations = []
+    for name, path in modules():
+        if name == "sslcli":
+            continue
+        mine = layer_of(name)
+        for target in imports(path):
+            if target.startswith("sslcli.") and layer_of(target) > mine:
+                violations.append(f"{name} imports {target}")
+    assert not violations, violations
+
+
+def test_eval_never_imports_methods_or_train():
+    for name, path in modules():
+        if name.startswith("sslcli.eval"):
+            bad = [t for t in imports(path) if t.startswith(("sslcli.methods", "sslcli.train"))]
+            assert not bad, f"{name} imports {bad}"
+
+
+def test_no_typer_or_rich_below_cli():
+    for name, path in modules():
+        if not name.startswith("sslcli.cli"):
+            bad = [t for t in imports(path) if t.split(".")[0] in ("typer", "rich", "click")]
+            assert not bad, f"{name} imports {bad}"
+
+
+def test_no_pickle_loading_outside_the_retrieval_unpickler():
+    for name, path in modules():
+        if name != "sslcli.eval.retrieval":
+            assert not any(t.split(".")[0] in ("pickle", "dill", "joblib") for t in imports(path)), name
+            assert "torch.load(" not in path.read_text(), name
