@@ -79,7 +79,9 @@ def test_no_typer_or_rich_below_cli():
 
 
 def test_no_pickle_loading_outside_the_retrieval_unpickler():
+    """Writing plain-data pickles (the retrieval ground-truth generator) is fine; loading is not."""
     for name, path in modules():
         if name != "sslcli.eval.retrieval":
-            assert not any(t.split(".")[0] in ("pickle", "dill", "joblib") for t in imports(path)), name
-            assert "torch.load(" not in path.read_text(), name
+            text = path.read_text()
+            for call in ("pickle.load", "Unpickler", "torch.load(", "dill", "joblib"):
+                assert call not in text, f"{name} uses {call}"

@@ -31,6 +31,14 @@ def test_cnn_features_api():
         bb.last_blocks(torch.randn(1, 3, 64, 64), 1)
 
 
+def test_swin_accepts_local_crop_sizes():
+    bb = create_backbone(ModelConfig(arch="swin_tiny_patch4_window7_224", drop_path_rate=0.0,
+                                     kwargs={"embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1)}))
+    assert bb(torch.randn(1, 3, 224, 224)).shape == (1, 128)
+    assert bb(torch.randn(1, 3, 96, 96)).shape == (1, 128)
+    assert bb.forward_features(torch.randn(1, 3, 224, 224))["patch"].shape == (1, 49, 128)
+
+
 def test_unknown_arch_suggests_names():
     with pytest.raises(ConfigError, match=r"unknown model.arch 'vit_smal_patch16_224' \(did you mean: vit_small"):
         create_backbone(ModelConfig(arch="vit_smal_patch16_224"))

@@ -111,3 +111,22 @@ def test_corrupt_image_is_skipped_and_counted(shapes_folder, tiny_config, tmp_pa
     cfg = tiny_config("train.epochs=1", f"data.path={data}")
     summary = pretrain(cfg, RunOptions(out=tmp_path / "run", device="cpu"))
     assert summary["bad_images"] == 1 and summary["steps"] == 3
+
+
+def test_knn_monitor_logs_initial_periodic_and_final(tiny_config, shapes_folder, shapes_val_folder, tmp_path):
+    cfg = tiny_config("train.epochs=2", "monitor.knn_every=1", f"monitor.knn_train={shapes_folder}",
+                      f"monitor.knn_val={shapes_val_folder}", "monitor.knn_k=5")
+    summary = pretrain(cfg, RunOptions(out=tmp_path / "run", device="cpu"))
+    assert list(summary["knn_top1"]) == ["0", "1", "2"]
+    assert summary["knn_top1_init"] == summary["knn_top1"]["0"]
+    assert summary["knn_top1_final"] == summary["knn_top1"]["2"]
+    assert all(0.0 <= v <= 100.0 for v in summary["knn_top1"].values())
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines if "knn_top1" in r] == [0, 1, 2]
+
+
+def test_knn_monitor_needs_labeled_splits_for_folders(tiny_config, tmp_path):
+    from sslcli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="monitor.knn_train"):
+        pretrain(tiny_config("monitor.knn_every=1"), RunOptions(out=tmp_path / "run", device="cpu"))

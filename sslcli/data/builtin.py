@@ -53,7 +53,7 @@ def _triangle(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
             for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, filled: bool, cx: float, cy: float,
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, filled: bool, cx: float, cy: float,
                 r: float, colour: tuple[int, int, int], width: int) -> None:
     """Draw one shape (coordinates in pixels of the drawing canvas)."""
     fill, outline = (colour, None) if filled else (None, colour)
@@ -67,7 +67,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, filled: bool, cx: float, 
         draw.polygon(points, fill=fill, outline=outline, width=width)
 
 
-def _bright_colour(rng: np.random.Generator) -> tuple[int, int, int]:
+def bright_colour(rng: np.random.Generator) -> tuple[int, int, int]:
     """A saturated, bright RGB colour (HSV: any hue, saturation 0.6-1, value 0.8-1)."""
     h, s, v = rng.uniform(0, 1), rng.uniform(0.6, 1.0), rng.uniform(0.8, 1.0)
     return tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h, s, v))  # type: ignore[return-value]
@@ -77,13 +77,13 @@ def render_shape(label: int, rng: np.random.Generator, size: int = 64) -> Image.
     """One RGB image [size x size] of class `label` (index into SHAPE_CLASSES)."""
     shape, style = SHAPE_CLASSES[label].split("_")
     background = tuple(int(c) for c in rng.integers(0, _BACKGROUND_MAX + 1, size=3))
-    colour = _bright_colour(rng)
+    colour = bright_colour(rng)
     r = rng.uniform(*_RADIUS_RANGE) * size
     cx, cy = rng.uniform(r, size - r, size=2)
     k = _SUPERSAMPLE
     canvas = Image.new("RGB", (size * k, size * k), background)
     width = max(2, round(0.14 * r * k))
-    _draw_shape(ImageDraw.Draw(canvas), shape, style == "filled", cx * k, cy * k, r * k, colour, width)
+    draw_shape(ImageDraw.Draw(canvas), shape, style == "filled", cx * k, cy * k, r * k, colour, width)
     return canvas.reduce(k) if k > 1 else canvas
 
 

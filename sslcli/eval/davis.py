@@ -53,7 +53,7 @@ from PIL import Image
 from torch import Tensor
 
 from sslcli.errors import DataError, UsageError, hint
-from sslcli.eval.davis_score import ANNOTATIONS, _select, _split_sequences, read_mask, write_indexed_png
+from sslcli.eval.davis_score import ANNOTATIONS, select_sequences, split_sequences, read_mask, write_indexed_png
 
 if TYPE_CHECKING:
     from sslcli.models.backbone import Backbone
@@ -302,7 +302,7 @@ def run_davis(backbone: Backbone, davis_root: Path, out_dir: Path, split: str = 
     Every sequence's layout is checked before any work. Returns out_dir.
     """
     davis_root, out_dir = Path(davis_root), Path(out_dir)
-    names = _select(_split_sequences(davis_root, split), sequences, split)
+    names = select_sequences(split_sequences(davis_root, split), sequences, split)
     layout = {seq: _sequence_paths(davis_root, seq) for seq in names}
     for seq, (frames, annotation) in layout.items():
         masks = propagate_sequence(

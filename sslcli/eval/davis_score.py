@@ -12,7 +12,7 @@ Follows the official davis2017-evaluation toolkit (`davis2017/metrics.py`, `util
 - Per object: mean, recall (fraction of frames > 0.5) and decay over 4 overlapping bins.
 
 Masks are palette PNGs whose pixel values are object ids (0 background, 255 void); the palette
-is the PASCAL VOC colour map, generated here.
+is the PASCAL VOC colour map, generated locally (sslcli.data.masks).
 """
 
 from __future__ import annotations
@@ -25,57 +25,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from sslcli.data.masks import davis_palette, read_mask, write_indexed_png
 from sslcli.errors import DataError, UsageError, hint
+
+__all__ = ["davis_palette", "read_mask", "write_indexed_png", "db_eval_iou", "db_eval_boundary",
+           "db_statistics", "evaluate_davis"]
 
 VOID = 255
 ANNOTATIONS = Path("Annotations") / "480p"
 IMAGESETS = Path("ImageSets") / "2017"
-
-
-# --------------------------------------------------------------------------- palette PNG I/O
-
-
-def davis_palette() -> list[int]:
-    """768 ints [r0, g0, b0, r1, ...]: the PASCAL VOC / DAVIS colour map (bit interleaving)."""
-    palette: list[int] = []
-    for index in range(256):
-        rgb = [0, 0, 0]
-        code = index
-        for bit in range(8):
-            for channel in range(3):
-                rgb[channel] |= ((code >> channel) & 1) << (7 - bit)
-            code >>= 3
-        palette.extend(rgb)
-    return palette
-
-
-def write_indexed_png(mask: np.ndarray, path: str | Path) -> None:
-    """Write `mask` [H, W] (integer object ids 0..255) as a palette PNG; creates parent folders."""
-    mask = np.asarray(mask)
-    if mask.ndim != 2 or mask.dtype.kind not in "uib":
-        raise UsageError(f"mask for {path} must be a 2-D integer array, got {mask.dtype} {mask.shape}")
-    if mask.size and (mask.min() < 0 or mask.max() > 255):
-        raise UsageError(f"mask for {path} has ids outside 0..255")
-    mask = np.ascontiguousarray(mask, dtype=np.uint8)
-    image = Image.frombytes("P", (mask.shape[1], mask.shape[0]), mask.tobytes())
-    image.putpalette(davis_palette())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-
-
-def read_mask(path: str | Path) -> np.ndarray:
-    """Object ids [H, W] uint8 of a palette (or greyscale) PNG: 0 background, 255 void."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode not in ("P", "L"):
-                raise DataError(f"{path}: expected an indexed (palette) PNG, got mode {image.mode}")
-            return np.array(image, dtype=np.uint8)
-    except FileNotFoundError:
-        raise DataError(f"mask not found: {path}") from None
-    except OSError as err:
-        raise DataError(f"cannot read mask {path}: {err}") from None
 
 
 # --------------------------------------------------------------------------- per-frame measures
@@ -249,7 +207,7 @@ def db_statistics(per_frame: np.ndarray) -> tuple[float, float, float]:
 # --------------------------------------------------------------------------- dataset scoring
 
 
-def _split_sequences(davis_root: Path, split: str) -> list[str]:
+def split_sequences(davis_root: Path, split: str) -> list[str]:
     """Sequence names listed in ROOT/ImageSets/2017/<split>.txt."""
     if not davis_root.is_dir():
         raise DataError(f"DAVIS root not found: {davis_root}")
@@ -263,7 +221,7 @@ def _split_sequences(davis_root: Path, split: str) -> list[str]:
     return names
 
 
-def _select(names: list[str], sequences: list[str] | None, split: str) -> list[str]:
+def select_sequences(names: list[str], sequences: list[str] | None, split: str) -> list[str]:
     """The requested sequences (all of the split when None), checked against the split."""
     if sequences is None:
         return names
@@ -360,7 +318,7 @@ def evaluate_davis(
     "per_object": {"<seq>_<id>": {"J-Mean", "F-Mean"}}}, all x100.
     """
     davis_root, predictions = Path(davis_root), Path(predictions)
-    names = _select(_split_sequences(davis_root, split), sequences, split)
+    names = select_sequences(split_sequences(davis_root, split), sequences, split)
     if not predictions.is_dir():
         raise DataError(f"predictions folder not found: {predictions}")
     stats: dict[str, list[float]] = defaultdict(list)

@@ -7,7 +7,8 @@ pooled vector for CNNs / Swin. `forward_features(x)` -> {"cls": [B, D], "patch":
 (cls [B, D], patch [B, N, D]) pairs (ViTs only), used by the linear probe.
 
 ViTs are created with timm's `dynamic_img_size=True`, so positional embeddings are interpolated
-and 96-px local crops run through the same network as 224-px global crops.
+and 96-px local crops run through the same network as 224-px global crops (Swin: with
+`strict_img_size=False`, its windows are padded).
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def create_backbone(cfg: ModelConfig, drop_path_rate: float | None = None) -> Ba
     kwargs["drop_path_rate"] = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
     if is_vit_arch(cfg.arch):
         kwargs.setdefault("dynamic_img_size", True)
+    elif cfg.arch.startswith("swin"):  # windows are padded, so 96-px local crops run too
+        kwargs.setdefault("strict_img_size", False)
     try:
         model = timm.create_model(cfg.arch, pretrained=False, num_classes=0, **kwargs)
     except TypeError as e:

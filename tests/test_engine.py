@@ -1,0 +1,33 @@
+import math
+
+import pytest
+import torch
+
+from sslcli.errors import TrainingError
+
+from sslcli.methods.base import StepOutput
+from sslcli.train.engine import DivergenceGuard, health_warnings
+
+
+def test_health_warnings_flag_both_collapse_modes():
+    k, d = 1000, 384
+    healthy = {"teacher_entropy": 3.0, "kl": 0.5, "embed_std": 1 / math.sqrt(d)}
+    assert health_warnings(healthy, k, d) == []
+    uniform = {"teacher_entropy": 0.99 * math.log(k), "kl": 1e-5, "embed_std": 0.05}
+    assert [kind for kind, _ in health_warnings(uniform, k, d)] == ["uniform"]
+    onehot = {"teacher_entropy": 0.01, "kl": 1e-4, "embed_std": 0.05}
+    assert [kind for kind, _ in health_warnings(onehot, k, d)] == ["onehot"]
+    dead = {"teacher_entropy": 3.0, "kl": 0.5, "embed_std": 1e-4}
+    assert [kind for kind, _ in health_warnings(dead, k, d)] == ["std"]
+
+
+def test_divergence_guard_remembers_the_first_bad_step_and_term():
+    guard = DivergenceGuard(torch.device("cpu"))
+    ok = StepOutput(torch.tensor(1.0), {"a": torch.tensor(1.0), "b": torch.tensor(2.0)})
+    bad = StepOutput(torch.tensor(float("nan")), {"a": torch.tensor(1.0), "b": torch.tensor(float("inf"))})
+    guard.observe(0, ok)
+    guard.check(None)  # nothing to report
+    guard.observe(1, bad)
+    guard.observe(2, StepOutput(torch.tensor(float("nan")), {"a": torch.tensor(float("nan")), "b": torch.tensor(0.0)}))
+    with pytest.raises(TrainingError, match=r"non-finite b at step 2; stopped \(no checkpoint was written yet\)"):
+        guard.check(None)
