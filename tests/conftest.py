@@ -50,3 +50,14 @@ def tiny_config(shapes_folder):
         return load_config("demo", overrides=TINY + [f"data.path={shapes_folder}"] + list(extra))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_run(shapes_folder, tmp_path_factory) -> Path:
+    """A finished 1-epoch tiny DINO run directory (shared by export / eval tests)."""
+    from sslcli.train.pretrain import RunOptions, pretrain
+
+    cfg = load_config("demo", overrides=TINY + [f"data.path={shapes_folder}", "train.epochs=1"])
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    pretrain(cfg, RunOptions(out=out, device="cpu"))
+    return out

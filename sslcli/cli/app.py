@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from sslcli.cli import presets
+from sslcli.cli import data, evals, presets
+from sslcli.cli.export import export_command
 from sslcli.cli.pretrain import pretrain_command
 
 app = typer.Typer(
@@ -15,7 +16,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("pretrain")(pretrain_command)
+app.command("export")(export_command)
+app.add_typer(evals.app, name="eval")
 app.add_typer(presets.app, name="presets")
+app.add_typer(data.app, name="data")
 
 
 def main() -> None:

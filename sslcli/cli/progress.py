@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 from sslcli.cli.common import setup_logging, stderr
 from sslcli.train.reporting import NullReporter
@@ -51,3 +53,19 @@ class ReporterFactory:
     def __call__(self):
         setup_logging(self.quiet)
         return NullReporter() if self.quiet else RichReporter()
+
+
+@contextmanager
+def task_progress(enabled: bool = True):
+    """A factory (description, total) -> advance(n) drawing transient rich bars on stderr."""
+    if not enabled:
+        yield None
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=stderr, transient=True) as bars:
+        def factory(description: str, total: int | None):
+            task = bars.add_task(description, total=total)
+            return lambda n: bars.advance(task, n)
+
+        yield factory

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from sslcli.errors import DataError
+
 
 class TransformedImages(Dataset):
     """(image tensor, label) pairs from an ImageDataset through an eval transform."""
@@ -20,7 +22,11 @@ class TransformedImages(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        return self.transform(self.images.load(i)), int(self.images.labels[i])
+        try:
+            image = self.images.load(i)
+        except (OSError, ValueError) as e:  # evals must not silently skip images: name the file
+            raise DataError(f"cannot read image {i} ({self.images.paths[i]}): {type(e).__name__}") from None
+        return self.transform(image), int(self.images.labels[i])
 
 
 @torch.no_grad()

@@ -1,0 +1,215 @@
+"""`ssl eval knn|linear|fewshot|davis|retrieval|all`: frozen-backbone evaluations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from sslcli.cli.common import emit_json, exits_on_errors, stdout
+from sslcli.cli.progress import task_progress
+from sslcli.errors import UsageError
+from sslcli.eval import suite, tasks
+
+app = typer.Typer(help="Evaluate frozen features with the standard protocols.", no_args_is_help=True)
+
+Weights = Annotated[Optional[str], typer.Option("--weights", "-w", help="Run dir, checkpoint or exported backbone.")]
+Which = Annotated[str, typer.Option("--which", help="teacher | student (training checkpoints).")]
+Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")]
+Cache = Annotated[Optional[Path], typer.Option("--cache", help="Feature cache folder (reused across evals).")]
+ImageSize = Annotated[Optional[int], typer.Option("--image-size", help="Crop size [default: the training size].")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per extraction batch.")]
+Workers = Annotated[int, typer.Option("--workers", help="Data-loading processes.")]
+Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the JSON report to this file.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the JSON report to stdout (and nothing else).")]
+
+
+def source(weights, which, device, cache, image_size, batch_size=256, workers=4) -> tasks.Source:
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, got '{device}'")
+    return tasks.Source(weights, which, device, cache, image_size, batch_size, workers)
+
+
+def flatten(metrics: dict, prefix: str = "") -> list[tuple[str, object]]:
+    rows = []
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += flatten(value, f"{name} ")
+        else:
+            rows.append((name, value))
+    return rows
+
+
+def render(result: dict, out: Path | None, json_out: bool) -> None:
+    """Table on stdout, or JSON alone on stdout with --json; --out writes the JSON file too."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title=f"{result['task']} ({result['seconds']:.1f} s)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in flatten(result["metrics"]):
+        if name.startswith("per_object"):
+            continue
+        table.add_row(name, fmt(value))
+    stdout.print(table)
+
+
+def fmt(value: object) -> str:
+    """Percentages with 2 decimals; small rates (lr) in scientific notation."""
+    if isinstance(value, float):
+        return f"{value:.2f}" if value == 0 or abs(value) >= 0.01 else f"{value:.3g}"
+    return str(value)
+
+
+def parse_ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise UsageError(f"--k expects comma-separated integers like 10,20,100,200, got '{text}'") from None
+    if not ks or min(ks) < 1:
+        raise UsageError(f"--k values must be >= 1, got '{text}'")
+    return ks
+
+
+@app.command("knn")
+@exits_on_errors
+def knn(weights: Weights = None, train: Annotated[Optional[str], typer.Option(help="Labeled train folder.")] = None,
+        val: Annotated[Optional[str], typer.Option(help="Labeled val folder.")] = None,
+        train_features: Annotated[Optional[Path], typer.Option(help="Train feature file.")] = None,
+        val_features: Annotated[Optional[Path], typer.Option(help="Val feature file.")] = None,
+        k: Annotated[str, typer.Option("--k", help="Neighbour counts.")] = "10,20,100,200",
+        temperature: Annotated[float, typer.Option(help="Softmax temperature of the vote.")] = 0.07,
+        which: Which = "teacher", device: Device = "auto", cache: Cache = None, image_size: ImageSize = None,
+        batch_size: BatchSize = 256, workers: Workers = 4, out: Out = None, json_out: Json = False) -> None:
+    """Weighted k-NN classification (DINO protocol): top-1/top-5 per k.
+
+    Example: ssl eval knn --weights runs/dino-s16 --train /data/imagenet/train --val /data/imagenet/val --json
+    """
+    src = source(weights, which, device, cache, image_size, batch_size, workers)
+    with task_progress(not json_out) as progress:
+        result = tasks.run_knn(src, train, val, train_features, val_features, parse_ks(k), temperature, progress)
+    render(result, out, json_out)
+
+
+@app.command("fewshot")
+@exits_on_errors
+def fewshot(weights: Weights = None,
+            data: Annotated[Optional[str], typer.Option(help="ImageFolder, all classes pooled.")] = None,
+            features: Annotated[Optional[Path], typer.Option(help="Feature file with labels.")] = None,
+            ways: int = 5, shots: int = 5, queries: int = 15, episodes: int = 600, seed: int = 0,
+            metric: Annotated[str, typer.Option(help="accuracy | mean-per-class.")] = "accuracy",
+            which: Which = "teacher", device: Device = "auto", cache: Cache = None, image_size: ImageSize = None,
+            batch_size: BatchSize = 256, workers: Workers = 4, out: Out = None, json_out: Json = False) -> None:
+    """Few-shot nearest-centroid episodes: mean accuracy and 95% interval.
+
+    Example: ssl eval fewshot --weights runs/adasim-s16 --data /data/aircraft --ways 5 --shots 5
+    """
+    src = source(weights, which, device, cache, image_size, batch_size, workers)
+    with task_progress(not json_out) as progress:
+        result = tasks.run_fewshot(src, data, features, ways, shots, queries, episodes, seed, metric, progress)
+    render(result, out, json_out)
+
+
+@app.command("linear")
+@exits_on_errors
+def linear(weights: Weights = None, train: Annotated[Optional[str], typer.Option(help="Labeled train folder.")] = None,
+           val: Annotated[Optional[str], typer.Option(help="Labeled val folder.")] = None,
+           epochs: int = 100, lr: Annotated[float, typer.Option(help="Per 256 images.")] = 0.001,
+           probe_batch_size: Annotated[int, typer.Option("--probe-batch-size")] = 1024,
+           n_last_blocks: Annotated[Optional[int], typer.Option(help="ViT: CLS of the last n blocks.")] = None,
+           avgpool: Annotated[Optional[bool], typer.Option("--avgpool/--no-avgpool")] = None,
+           fast: Annotated[bool, typer.Option("--fast", help="Cached features, no augmentation.")] = False,
+           seed: int = 0, which: Which = "teacher", device: Device = "auto", image_size: ImageSize = None,
+           workers: Workers = 4, out: Out = None, json_out: Json = False) -> None:
+    """Linear probe (DINO protocol; --fast: on cached features, for sweeps).
+
+    Example: ssl eval linear --weights runs/dino-s16 --train /data/imagenet/train --val /data/imagenet/val
+    """
+    if not train or not val:
+        raise UsageError("give --train and --val (labeled folders or builtin:NAME)")
+    src = source(weights, which, device, None, image_size, workers=workers)
+    result = tasks.run_linear(src, train, val, epochs, probe_batch_size, lr, n_last_blocks, avgpool, fast, seed)
+    render(result, out, json_out)
+
+
+@app.command("davis")
+@exits_on_errors
+def davis(davis_root: Annotated[Path, typer.Option("--davis", help="DAVIS-2017 root.")],
+          weights: Weights = None,
+          predictions: Annotated[Optional[Path], typer.Option(help="Score these masks (no weights needed).")] = None,
+          out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Where propagated masks go.")] = None,
+          split: str = "val", sequences: Annotated[Optional[str], typer.Option(help="Subset: a,b,c.")] = None,
+          short_side: int = 480, which: Which = "teacher", device: Device = "auto", out: Out = None,
+          json_out: Json = False) -> None:
+    """DAVIS-2017 label propagation and J&F scoring, or scoring alone with --predictions.
+
+    Examples:
+
+      ssl eval davis --weights runs/dino-s16 --davis /data/DAVIS --out-dir preds/dino-s16
+
+      ssl eval davis --davis /data/DAVIS --predictions results/osvos
+    """
+    if predictions is None and out_dir is None:
+        out_dir = Path("davis-predictions")
+    src = source(weights, which, device, None, None)
+    subset = [s for s in sequences.split(",") if s] if sequences else None
+    with task_progress(not json_out) as progress:
+        result = tasks.run_davis_eval(src, davis_root, predictions, out_dir, split, subset, short_side, progress)
+    render(result, out, json_out)
+
+
+@app.command("retrieval")
+@exits_on_errors
+def retrieval(weights: Weights = None,
+              data: Annotated[Optional[Path], typer.Option(help="ROOT with <dataset>/jpg and gnd file.")] = None,
+              dataset: Annotated[str, typer.Option(help="roxford5k | rparis6k.")] = "roxford5k",
+              query_features: Annotated[Optional[Path], typer.Option()] = None,
+              db_features: Annotated[Optional[Path], typer.Option()] = None,
+              gnd: Annotated[Optional[Path], typer.Option(help="gnd_<dataset>.pkl for feature files.")] = None,
+              imsize: Annotated[Optional[int], typer.Option(help="Long side [224 Oxford, 512 Paris].")] = None,
+              multiscale: bool = False,
+              query_crop: Annotated[bool, typer.Option("--query-crop/--no-query-crop")] = True,
+              which: Which = "teacher", device: Device = "auto", cache: Cache = None, workers: Workers = 4,
+              out: Out = None, json_out: Json = False) -> None:
+    """Revisited Oxford / Paris retrieval: mAP and mP@k for Easy, Medium and Hard.
+
+    Example: ssl eval retrieval --weights runs/dino-s16 --data /data/revisitop --dataset roxford5k --multiscale
+    """
+    src = source(weights, which, device, cache, None, workers=workers)
+    with task_progress(not json_out) as progress:
+        result = tasks.run_retrieval_eval(src, data, dataset, query_features, db_features, gnd, imsize, multiscale,
+                                          query_crop, progress)
+    render(result, out, json_out)
+
+
+@app.command("all")
+@exits_on_errors
+def run_all(weights: Weights = None,
+            suite_file: Annotated[Path, typer.Option("--suite", help="YAML list of evals.")] = Path("suite.yaml"),
+            which: Which = "teacher", device: Device = "auto", cache: Cache = None, workers: Workers = 4,
+            out: Out = None, markdown: Annotated[Optional[Path], typer.Option("--markdown")] = None,
+            json_out: Json = False) -> None:
+    """Run a suite of evals reusing one feature cache; one JSON report plus a Markdown table.
+
+    Example: ssl eval all --weights runs/dino-s16 --suite suite.yaml --out report.json --markdown report.md
+    """
+    src = source(weights, which, device, cache, None, workers=workers)
+    with task_progress(not json_out) as progress:
+        result = suite.run_suite(src, suite_file, progress)
+    table = suite.markdown_table(result)
+    if markdown is not None:
+        markdown.write_text(table)
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    if json_out:
+        emit_json(result)
+    else:
+        stdout.print(table, highlight=False)

@@ -1,0 +1,175 @@
+"""One function per `ssl eval` command: resolve inputs, run the protocol, return the report.
+
+Report (DESIGN.md "Contracts"): {"task", "metrics", "config", "weights", "data", "seconds",
+"version"}; percentages 0-100. Every task takes either `--weights` + images (features extracted,
+cached with `--cache DIR`) or precomputed feature files.
+`progress(description, total)` -> advance(n) is how long work reports itself (the CLI draws a
+rich bar on stderr; None = silent).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import sslcli
+from sslcli.errors import UsageError
+from sslcli.eval.davis import run_davis
+from sslcli.eval.davis_score import evaluate_davis
+from sslcli.eval.featurefiles import FeatureCache, FeatureSet, check_same_dim, load_features
+from sslcli.eval.fewshot import fewshot_episodes
+from sslcli.eval.knn import knn_classify
+from sslcli.eval.linear import linear_probe
+from sslcli.eval.pipelines import fewshot_features, knn_features, retrieval_features
+from sslcli.eval.retrieval import evaluate_retrieval, load_gnd
+from sslcli.eval.weights import WeightsInfo, load_backbone
+
+Progress = Callable[[str, int | None], Callable[[int], None]]
+
+
+@dataclass
+class Source:
+    """Where features come from when they are not given as files."""
+
+    weights: str | None = None
+    which: str = "teacher"
+    device: str = "auto"
+    cache: Path | None = None
+    image_size: int | None = None
+    batch_size: int = 256
+    workers: int = 4
+
+    def __post_init__(self) -> None:
+        self.workers = min(self.workers, os.cpu_count() or 1)  # more workers than cores only thrash
+
+    def torch_device(self) -> torch.device:
+        if self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available()):
+            return torch.device("cuda")
+        return torch.device("cpu")
+
+    def backbone(self):
+        if not self.weights:
+            raise UsageError("give --weights (a run directory, checkpoint or exported backbone) or feature files")
+        return load_backbone(self.weights, self.which, self.torch_device())
+
+
+def report(task: str, metrics: dict, config: dict, info: WeightsInfo | None, data: dict, started: float) -> dict:
+    return {"task": task, "metrics": metrics, "config": config,
+            "weights": info.to_dict() if info is not None else None, "data": data,
+            "seconds": round(time.time() - started, 2), "version": sslcli.__version__}
+
+
+def _advance(progress: Progress | None, description: str, total: int | None):
+    return progress(description, total) if progress is not None else None
+
+
+def _classify_set(src: Source, spec: str | None, features: Path | None, kind: str, backbone, info,
+                  progress: Progress | None) -> FeatureSet:
+    """Features of one labeled split, from a file or extracted with the protocol's preprocessing."""
+    if features is not None:
+        return load_features(features)
+    if spec is None:
+        raise UsageError(f"give the {kind} data (a folder or builtin:NAME) or its feature file")
+    extract = knn_features if kind in ("train", "val") else fewshot_features
+    return extract(backbone, info, spec, src.torch_device(), FeatureCache(src.cache), src.image_size,
+                   src.batch_size, src.workers, _advance(progress, f"features {spec}", None))
+
+
+def _needs_backbone(*files: Path | None) -> bool:
+    return any(f is None for f in files)
+
+
+def run_knn(src: Source, train: str | None, val: str | None, train_features: Path | None = None,
+            val_features: Path | None = None, ks: tuple[int, ...] = (10, 20, 100, 200),
+            temperature: float = 0.07, progress: Progress | None = None) -> dict:
+    started = time.time()
+    backbone, info = src.backbone() if _needs_backbone(train_features, val_features) else (None, None)
+    tr = _classify_set(src, train, train_features, "train", backbone, info, progress)
+    va = _classify_set(src, val, val_features, "val", backbone, info, progress)
+    check_same_dim(tr, va, "train features", "val features")
+    for fs, name in ((tr, "train"), (va, "val")):
+        if fs.labels is None:
+            raise UsageError(f"k-NN needs labels: the {name} data has none (use an ImageFolder layout)")
+    device = src.torch_device()
+    metrics = knn_classify(tr.features.to(device), tr.labels.to(device), va.features.to(device),
+                           va.labels.to(device), ks=ks, temperature=temperature)
+    config = {"k": list(ks), "temperature": temperature, "image_size": src.image_size}
+    data = {"train": train or str(train_features), "val": val or str(val_features),
+            "n_train": len(tr.features), "n_val": len(va.features)}
+    return report("knn", metrics, config, info, data, started)
+
+
+def run_fewshot(src: Source, data: str | None, features: Path | None = None, ways: int = 5, shots: int = 5,
+                queries: int = 15, episodes: int = 600, seed: int = 0, metric: str = "accuracy",
+                progress: Progress | None = None) -> dict:
+    started = time.time()
+    backbone, info = src.backbone() if features is None else (None, None)
+    fs = _classify_set(src, data, features, "fewshot", backbone, info, progress)
+    if fs.labels is None:
+        raise UsageError("few-shot needs labels: use an ImageFolder layout (one folder per class)")
+    metrics = fewshot_episodes(fs.features, fs.labels, ways, shots, queries, episodes, seed, metric)
+    config = {"ways": ways, "shots": shots, "queries": queries, "episodes": episodes, "seed": seed,
+              "metric": metric, "image_size": src.image_size}
+    return report("fewshot", metrics, config, info, {"data": data or str(features), "n": len(fs.features)},
+                  started)
+
+
+def run_linear(src: Source, train: str, val: str, epochs: int = 100, batch_size: int = 1024, lr: float = 0.001,
+               n_last_blocks: int | None = None, avgpool: bool | None = None, fast: bool = False,
+               seed: int = 0, on_epoch: Callable[[int, dict], None] | None = None) -> dict:
+    started = time.time()
+    backbone, info = src.backbone()
+    metrics = linear_probe(backbone, info, train, val, src.torch_device(), epochs, batch_size, lr, n_last_blocks,
+                           avgpool, fast, src.workers, src.image_size, seed, on_epoch)
+    config = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "fast": fast, "seed": seed}
+    return report("linear", metrics, config, info, {"train": train, "val": val}, started)
+
+
+def run_davis_eval(src: Source, davis_root: Path, predictions: Path | None = None, out_dir: Path | None = None,
+                   split: str = "val", sequences: list[str] | None = None, short_side: int = 480,
+                   progress: Progress | None = None) -> dict:
+    """Propagate labels with the backbone into out_dir and score them, or score `predictions` alone."""
+    started = time.time()
+    info = None
+    if predictions is None:
+        if out_dir is None:
+            raise UsageError("give --predictions DIR (score existing masks) or --weights and --out-dir")
+        backbone, info = src.backbone()
+        advance = _advance(progress, "propagating", None)
+        predictions = run_davis(backbone, davis_root, out_dir, split, sequences, src.torch_device(), short_side,
+                                on_frame=(lambda: advance(1)) if advance else None)
+    metrics = evaluate_davis(davis_root, predictions, split, sequences)
+    config = {"split": split, "sequences": sequences, "short_side": short_side}
+    return report("davis", metrics, config, info, {"davis": str(davis_root), "predictions": str(predictions)},
+                  started)
+
+
+def run_retrieval_eval(src: Source, root: Path | None, dataset: str, query_features: Path | None = None,
+                       db_features: Path | None = None, gnd_file: Path | None = None, imsize: int | None = None,
+                       multiscale: bool = False, query_crop: bool = True, progress: Progress | None = None) -> dict:
+    started = time.time()
+    info = None
+    if query_features is not None or db_features is not None:
+        if None in (query_features, db_features, gnd_file):
+            raise UsageError("bring-your-own-features mode needs --query-features, --db-features and --gnd")
+        queries, database, gnd = load_features(query_features), load_features(db_features), load_gnd(gnd_file)
+        data = {"query_features": str(query_features), "db_features": str(db_features), "gnd": str(gnd_file)}
+    else:
+        if root is None:
+            raise UsageError("give --data ROOT (revisitop layout) or --query-features/--db-features/--gnd")
+        backbone, info = src.backbone()
+        queries, database, gnd = retrieval_features(backbone, info, root, dataset, src.torch_device(), imsize,
+                                                    multiscale, query_crop, FeatureCache(src.cache),
+                                                    _advance(progress, "retrieval features", None), src.workers)
+        data = {"root": str(root), "dataset": dataset}
+    check_same_dim(queries, database, "query features", "database features")
+    if len(queries.features) != len(gnd["gnd"]):
+        raise UsageError(f"{len(queries.features)} query features but the ground truth has {len(gnd['gnd'])} queries")
+    metrics = evaluate_retrieval(queries.features, database.features, gnd["gnd"])
+    config = {"dataset": dataset, "imsize": imsize, "multiscale": multiscale, "query_crop": query_crop}
+    return report("retrieval", metrics, config, info, data, started)
