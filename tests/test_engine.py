@@ -11,11 +11,13 @@ from sslcli.train.engine import DivergenceGuard, health_warnings
 
 def test_health_warnings_flag_both_collapse_modes():
     k, d = 1000, 384
-    healthy = {"teacher_entropy": 3.0, "kl": 0.5, "embed_std": 1 / math.sqrt(d)}
+    healthy = {"teacher_entropy": 3.0, "teacher_marginal_entropy": 6.0, "kl": 0.5, "embed_std": 1 / math.sqrt(d)}
     assert health_warnings(healthy, k, d) == []
+    sharp = {"teacher_entropy": 0.01, "teacher_marginal_entropy": 4.0, "kl": 1e-4, "embed_std": 0.05}
+    assert health_warnings(sharp, k, d) == []  # one-hot per image but spread over prototypes: healthy
     uniform = {"teacher_entropy": 0.99 * math.log(k), "kl": 1e-5, "embed_std": 0.05}
     assert [kind for kind, _ in health_warnings(uniform, k, d)] == ["uniform"]
-    onehot = {"teacher_entropy": 0.01, "kl": 1e-4, "embed_std": 0.05}
+    onehot = {"teacher_entropy": 0.01, "teacher_marginal_entropy": 0.02, "kl": 1e-4, "embed_std": 0.05}
     assert [kind for kind, _ in health_warnings(onehot, k, d)] == ["onehot"]
     dead = {"teacher_entropy": 3.0, "kl": 0.5, "embed_std": 1e-4}
     assert [kind for kind, _ in health_warnings(dead, k, d)] == ["std"]

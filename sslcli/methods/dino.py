@@ -117,9 +117,11 @@ class DINO(nn.Module):
     def _stats(self, teacher_logits: list[Tensor], loss: Tensor, temp: float, anchor: Tensor) -> dict[str, Tensor]:
         # cross-entropy = H(q) + KL(q || p), and every teacher view is paired with the same number
         # of student views, so the mean KL over pairs is the loss minus the mean teacher entropy.
-        entropies = [diagnostics.entropy(torch.softmax((t.float() - self.center) / temp, -1)) for t in teacher_logits]
-        teacher_entropy = torch.stack(entropies).mean()
-        return {"teacher_entropy": teacher_entropy, "kl": loss.detach() - teacher_entropy,
+        probs = [torch.softmax((t.float() - self.center) / temp, -1) for t in teacher_logits]  # (B, K) each
+        teacher_entropy = torch.stack([diagnostics.entropy(q) for q in probs]).mean()
+        marginal = torch.stack([diagnostics.entropy(q.mean(0, keepdim=True)) for q in probs]).mean()
+        return {"teacher_entropy": teacher_entropy, "teacher_marginal_entropy": marginal,
+                "kl": loss.detach() - teacher_entropy,
                 "embed_std": diagnostics.embedding_std(anchor), "embed_rank": diagnostics.effective_rank(anchor)}
 
     def cancel_gradients(self, epoch: int) -> None:

@@ -183,13 +183,13 @@ def health_warnings(record: dict, out_dim: int, embed_dim: int) -> list[tuple[st
     """(kind, message) pairs for collapse signals in a metrics record (checked after epoch 0)."""
     found = []
     entropy = record.get("teacher_entropy")
-    if entropy is not None and record.get("kl", 1.0) < 1e-3:
-        if entropy > 0.9 * math.log(out_dim):
-            found.append(("uniform", "teacher output is near uniform and KL ~ 0: collapse "
-                                     "(centering dominates; lower the teacher temperature?)"))
-        elif entropy < 0.1:
-            found.append(("onehot", "teacher output is one-hot and KL ~ 0: collapse "
-                                    "(sharpening dominates; check centering / temperature)"))
+    if entropy is not None and record.get("kl", 1.0) < 1e-3 and entropy > 0.9 * math.log(out_dim):
+        found.append(("uniform", "teacher output is near uniform and KL ~ 0: collapse "
+                                 "(centering dominates; lower the teacher temperature?)"))
+    marginal = record.get("teacher_marginal_entropy")
+    if marginal is not None and marginal < 0.1:  # sharp per image is fine; the same prototype for all is not
+        found.append(("onehot", "the teacher puts the whole batch on one prototype: collapse "
+                                "(sharpening dominates; check centering / temperature)"))
     std = record.get("embed_std")
     if std is not None and std < 0.1 / math.sqrt(embed_dim):
         found.append(("std", f"teacher embedding std {std:.2e} << 1/sqrt(d): representation collapse"))
