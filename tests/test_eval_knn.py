@@ -173,3 +173,13 @@ def test_bad_inputs_raise_typed_errors():
         knn_classify(train_x, train_y, test_x, test_y, num_classes=1)
     with pytest.raises(DataError):
         knn_classify(train_x[:0], train_y[:0], test_x, test_y)
+
+
+def test_random_features_score_chance():
+    """Features independent of the labels: top-1 ~ 1/C, top-5 ~ 5/C (10 classes, 1000 test images)."""
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(4000, 32, generator=g), torch.randn(1000, 32, generator=g)
+    train_y, test_y = torch.randint(0, 10, (4000,), generator=g), torch.randint(0, 10, (1000,), generator=g)
+    result = knn_classify(train, train_y, test, test_y, ks=(20,))
+    assert 6.0 <= result["top1"] <= 14.0  # 10 % +- 4 points (binomial std ~0.95 points)
+    assert 44.0 <= result["k"]["20"]["top5"] <= 56.0
