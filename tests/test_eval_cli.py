@@ -57,6 +57,9 @@ def test_knn_on_feature_files_and_size_mismatch(tmp_path):
     bad = runner.invoke(app, ["eval", "knn", "--train-features", str(tmp_path / "train.safetensors"),
                               "--val-features", str(tmp_path / "wide.safetensors")])
     assert bad.exit_code == 2 and "mismatched sizes" in bad.stderr
+    lin = run_json("eval", "linear", "--train-features", str(tmp_path / "train.safetensors"),
+                   "--val-features", str(tmp_path / "val.safetensors"), "--epochs", "20", "--lr", "1.0")
+    assert lin["metrics"]["protocol"] == "fast-linear" and lin["metrics"]["top1"] == 100.0
 
 
 def test_fewshot_and_linear(tiny_run, shapes_folder, shapes_val_folder, tmp_path):

@@ -127,16 +127,18 @@ def linear(weights: Weights = None, train: Annotated[Optional[str], typer.Option
            n_last_blocks: Annotated[Optional[int], typer.Option(help="ViT: CLS of the last n blocks.")] = None,
            avgpool: Annotated[Optional[bool], typer.Option("--avgpool/--no-avgpool")] = None,
            fast: Annotated[bool, typer.Option("--fast", help="Cached features, no augmentation.")] = False,
+           train_features: Annotated[Optional[Path], typer.Option(help="Train feature file (fast protocol).")] = None,
+           val_features: Annotated[Optional[Path], typer.Option(help="Val feature file (fast protocol).")] = None,
            seed: int = 0, which: Which = "teacher", device: Device = "auto", image_size: ImageSize = None,
            workers: Workers = 4, out: Out = None, json_out: Json = False) -> None:
     """Linear probe (DINO protocol; --fast: on cached features, for sweeps).
 
     Example: ssl eval linear --weights runs/dino-s16 --train /data/imagenet/train --val /data/imagenet/val
     """
-    if not train or not val:
-        raise UsageError("give --train and --val (labeled folders or builtin:NAME)")
     src = source(weights, which, device, None, image_size, workers=workers)
-    result = tasks.run_linear(src, train, val, epochs, probe_batch_size, lr, n_last_blocks, avgpool, fast, seed)
+    with task_progress(not json_out) as progress:
+        result = tasks.run_linear(src, train, val, epochs, probe_batch_size, lr, n_last_blocks, avgpool, fast, seed,
+                                  train_features, val_features, progress)
     render(result, out, json_out)
 
 

@@ -333,3 +333,24 @@ def _fit(linear: nn.Linear, lr: float, batch_size: int, epochs: int,
             on_epoch(epoch, {"epoch": epoch, "loss": loss, "lr": epoch_lr, "top1": top1, "top5": top5,
                              "best_top1": best["best_top1"], "best_epoch": best["best_epoch"]})
     return dict(best, top1=top1, top5=top5, feature_dim=linear.in_features)
+
+
+def linear_probe_features(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor,
+                          device: torch.device | str, epochs: int = 100, batch_size: int = 1024,
+                          lr: float = 0.001, seed: int = 0,
+                          on_epoch: Callable[[int, dict], None] | None = None) -> dict:
+    """The fast protocol on precomputed features (feature files): train [N, F] / val [M, F] with
+    labels; same classifier init, optimiser and schedule as linear_probe."""
+    _check_args(epochs, batch_size, lr, 0, None)
+    if train_y.min() < 0 or val_y.min() < 0:
+        raise DataError("the linear probe needs labeled features (labels >= 0)")
+    device = torch.device(device)
+    num_classes = int(max(train_y.max(), val_y.max())) + 1
+    train_x, train_y = _on_device(train_x, device), _on_device(train_y, device)
+    val = (_on_device(val_x, device), _on_device(val_y, device))
+    shuffle = torch.Generator().manual_seed(seed)
+    linear = make_classifier(train_x.shape[1], num_classes, seed).to(device)
+    result = _fit(linear, lr, batch_size, epochs,
+                  lambda: _feature_batches(train_x, train_y, batch_size, shuffle, device), val, on_epoch)
+    return dict(result, protocol=PROTOCOLS[True], epochs=epochs, lr=scaled_lr(lr, batch_size),
+                batch_size=batch_size, num_classes=num_classes, feature_dim=train_x.shape[1])

@@ -32,9 +32,10 @@ def _knn(src, e, progress):
 
 
 def _linear(src, e, progress):
-    return tasks.run_linear(src, e["train"], e["val"], int(e.get("epochs", 100)), int(e.get("batch_size", 1024)),
-                            float(e.get("lr", 0.001)), e.get("n_last_blocks"), e.get("avgpool"),
-                            bool(e.get("fast", False)), int(e.get("seed", 0)))
+    return tasks.run_linear(src, e.get("train"), e.get("val"), int(e.get("epochs", 100)),
+                            int(e.get("batch_size", 1024)), float(e.get("lr", 0.001)), e.get("n_last_blocks"),
+                            e.get("avgpool"), bool(e.get("fast", False)), int(e.get("seed", 0)),
+                            _path(e.get("train_features")), _path(e.get("val_features")), progress)
 
 
 def _fewshot(src, e, progress):
@@ -59,8 +60,8 @@ def _retrieval(src, e, progress):
 # task -> (runner, accepted keys, required keys)
 TASKS: dict[str, tuple[Callable, set[str], set[str]]] = {
     "knn": (_knn, {"train", "val", "train_features", "val_features", "k", "temperature"}, set()),
-    "linear": (_linear, {"train", "val", "epochs", "batch_size", "lr", "n_last_blocks", "avgpool", "fast", "seed"},
-               {"train", "val"}),
+    "linear": (_linear, {"train", "val", "train_features", "val_features", "epochs", "batch_size", "lr",
+                         "n_last_blocks", "avgpool", "fast", "seed"}, set()),
     "fewshot": (_fewshot, {"data", "features", "ways", "shots", "queries", "episodes", "seed", "metric"}, set()),
     "davis": (_davis, {"davis", "predictions", "out_dir", "split", "sequences", "short_side"}, {"davis"}),
     "retrieval": (_retrieval, {"data", "dataset", "query_features", "db_features", "gnd", "imsize", "multiscale",

@@ -24,7 +24,7 @@ from sslcli.eval.davis_score import evaluate_davis
 from sslcli.eval.featurefiles import FeatureCache, FeatureSet, check_same_dim, load_features
 from sslcli.eval.fewshot import fewshot_episodes
 from sslcli.eval.knn import knn_classify
-from sslcli.eval.linear import linear_probe
+from sslcli.eval.linear import linear_probe, linear_probe_features
 from sslcli.eval.pipelines import fewshot_features, knn_features, retrieval_features
 from sslcli.eval.retrieval import evaluate_retrieval, load_gnd
 from sslcli.eval.weights import WeightsInfo, load_backbone
@@ -119,14 +119,29 @@ def run_fewshot(src: Source, data: str | None, features: Path | None = None, way
                   started)
 
 
-def run_linear(src: Source, train: str, val: str, epochs: int = 100, batch_size: int = 1024, lr: float = 0.001,
-               n_last_blocks: int | None = None, avgpool: bool | None = None, fast: bool = False,
-               seed: int = 0, on_epoch: Callable[[int, dict], None] | None = None) -> dict:
+def run_linear(src: Source, train: str | None, val: str | None, epochs: int = 100, batch_size: int = 1024,
+               lr: float = 0.001, n_last_blocks: int | None = None, avgpool: bool | None = None, fast: bool = False,
+               seed: int = 0, train_features: Path | None = None, val_features: Path | None = None,
+               progress: Progress | None = None) -> dict:
+    """DINO linear protocol on images, or the fast protocol on feature files when both are given."""
     started = time.time()
+    advance = _advance(progress, "linear probe (epochs)", epochs)
+    on_epoch = (lambda epoch, stats: advance(1)) if advance else None
+    config = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "fast": fast, "seed": seed}
+    if train_features is not None and val_features is not None:
+        tr, va = load_features(train_features), load_features(val_features)
+        check_same_dim(tr, va, "train features", "val features")
+        if tr.labels is None or va.labels is None:
+            raise UsageError("the linear probe needs labels in both feature files")
+        metrics = linear_probe_features(tr.features, tr.labels, va.features, va.labels, src.torch_device(), epochs,
+                                        batch_size, lr, seed, on_epoch)
+        data = {"train": str(train_features), "val": str(val_features)}
+        return report("linear", metrics, dict(config, fast=True), None, data, started)
+    if not train or not val:
+        raise UsageError("give --train and --val (labeled folders or builtin:NAME) or --train-features/--val-features")
     backbone, info = src.backbone()
     metrics = linear_probe(backbone, info, train, val, src.torch_device(), epochs, batch_size, lr, n_last_blocks,
                            avgpool, fast, src.workers, src.image_size, seed, on_epoch)
-    config = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "fast": fast, "seed": seed}
     return report("linear", metrics, config, info, {"train": train, "val": val}, started)
 
 
