@@ -88,6 +88,7 @@ class DataConfig:
     local_crop_size: int = 96
     local_crops_scale: tuple[float, float] = (0.05, 0.4)
     color_jitter_prob: float = 0.8
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
     grayscale_prob: float = 0.2
     blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global 1, global 2, local
     solarize_prob: float = 0.2  # global view 2 only

@@ -55,10 +55,12 @@ class Solarize:
 
 
 def _colour_block(cfg: DataConfig) -> T.Compose:
-    """Flip p=0.5, colour jitter (0.4, 0.4, 0.2, 0.1) with p=color_jitter_prob, grayscale."""
+    """Flip p=0.5, colour jitter cfg.color_jitter (DINO: 0.4, 0.4, 0.2, 0.1) with
+    p=color_jitter_prob, grayscale p=grayscale_prob."""
+    brightness, contrast, saturation, hue = cfg.color_jitter
     return T.Compose([
         T.RandomHorizontalFlip(p=0.5),
-        T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
+        T.RandomApply([T.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)],
                       p=cfg.color_jitter_prob),
         T.RandomGrayscale(p=cfg.grayscale_prob),
     ])
