@@ -74,7 +74,7 @@ def render_summary(summary: dict, out: Path) -> None:
         table.add_row("k-NN top-1, initial teacher (%)", f"{summary['knn_top1_init']:.2f}")
         table.add_row("k-NN top-1, trained teacher (%)", f"{summary['knn_top1_final']:.2f}")
     for key, value in summary["source"].get("reported", {}).items():
-        table.add_row(f"paper reports {key}", str(value))
+        table.add_row(f"reported {key} ({summary['source'].get('paper', '').split(' (')[0]})", str(value))
     if summary.get("bad_images"):
         table.add_row("corrupt images skipped", str(summary["bad_images"]))
     stdout.print(table)
