@@ -108,7 +108,7 @@ def test_davis_own_annotations_score_100(tmp_path):
 
 
 def test_davis_is_trackable_by_pixel_patch_propagation(tmp_path):
-    davis = pytest.importorskip("sslcli.eval.davis")
+    from sslcli.eval import davis
 
     class PixelPatches(torch.nn.Module):
         """8-px patches -> their 4x4 average-pooled pixels (48-d): no learning at all."""
