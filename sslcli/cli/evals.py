@@ -20,7 +20,7 @@ Weights = Annotated[Optional[str], typer.Option("--weights", "-w", help="Run dir
 Which = Annotated[str, typer.Option("--which", help="teacher | student (training checkpoints).")]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")]
 Cache = Annotated[Optional[Path], typer.Option("--cache", help="Feature cache folder (reused across evals).")]
-ImageSize = Annotated[Optional[int], typer.Option("--image-size", help="Crop size [default: the training size].")]
+ImageSize = Annotated[Optional[int], typer.Option("--image-size", help="Crop size (default: the size the weights were trained at).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per extraction batch.")]
 Workers = Annotated[int, typer.Option("--workers", help="Data-loading processes.")]
 Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the JSON report to this file.")]

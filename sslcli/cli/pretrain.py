@@ -23,7 +23,7 @@ def pretrain_command(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config YAML merged over the preset."),
     overrides: list[str] = typer.Option([], "--set", "-s", help="Override KEY=VALUE (YAML-typed), repeatable."),
     data: Optional[str] = typer.Option(None, "--data", help="Training images: ImageFolder root, folder, builtin:NAME."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory [default: runs/<preset>-<time>]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/PRESET-TIME)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last.safetensors."),
     gpus: int = typer.Option(0, "--gpus", help="Start N processes, one per local GPU (NCCL)."),
     procs: int = typer.Option(0, "--procs", help="Start N CPU processes (gloo), e.g. to test DDP."),
