@@ -1,0 +1,1 @@
+"""Neighbour bootstrapping: choosing the image the second view is cropped from."""
