@@ -85,3 +85,15 @@ def test_no_pickle_loading_outside_the_retrieval_unpickler():
             text = path.read_text()
             for call in ("pickle.load", "Unpickler", "torch.load(", "dill", "joblib"):
                 assert call not in text, f"{name} uses {call}"
+
+
+def test_every_subpackage_ships_in_the_wheel():
+    """pyproject lists packages explicitly (presets/ is mapped in): a new folder must be listed."""
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    listed = set(tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["packages"])
+    source = Path(__file__).resolve().parents[1] / "sslcli"
+    folders = {"sslcli." + p.parent.relative_to(source).as_posix().replace("/", ".")
+               for p in source.rglob("__init__.py") if p.parent != source}
+    assert folders <= listed, f"add to pyproject [tool.setuptools] packages: {sorted(folders - listed)}"
