@@ -24,7 +24,7 @@ from sslcli.config import IMAGENET_MEAN, IMAGENET_STD, Config, ModelConfig, from
 from sslcli.errors import CheckpointError, ConfigError
 from sslcli.models import Backbone, create_backbone
 
-TRAIN_FORMAT = "sslcli-train-1"  # sslcli.train.checkpoint.FORMAT (eval does not import train)
+TRAIN_FORMAT = "sslcli-train-1"  # training checkpoints (sslcli.train.checkpoint writes them)
 EXPORT_FORMAT = "sslcli-export-1"
 WHICH = ("teacher", "student")
 
@@ -58,7 +58,8 @@ def resolve_weights_file(weights: str | Path) -> Path:
     return path
 
 
-def _metadata(path: Path) -> dict[str, str]:
+def read_metadata(path: Path) -> dict[str, str]:
+    """The string header of a safetensors file; CheckpointError when it is not one."""
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
@@ -76,7 +77,7 @@ def read_weights_info(weights: str | Path, which: str = "teacher") -> tuple[Weig
     if which not in WHICH:
         raise CheckpointError(f"--which must be teacher or student, got '{which}'")
     path = resolve_weights_file(weights)
-    meta = _metadata(path)
+    meta = read_metadata(path)
     fmt = meta.get("format")
     if fmt == TRAIN_FORMAT:
         try:

@@ -24,8 +24,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from sslcli.errors import CheckpointError
+from sslcli.eval.weights import TRAIN_FORMAT, read_metadata
 
-FORMAT = "sslcli-train-1"
+FORMAT = TRAIN_FORMAT
 
 
 @dataclass
@@ -97,14 +98,6 @@ def save_training_state(path: Path, state: TrainingState) -> None:
     atomic_save(tensors, meta, path)
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except (OSError, ValueError, RuntimeError) as e:  # missing or not a safetensors file
-        raise CheckpointError(f"cannot read checkpoint '{path}': {e}") from None
-
-
 def load_training_state(path: Path) -> TrainingState:
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
@@ -121,11 +114,3 @@ def load_training_state(path: Path) -> TrainingState:
                 {"model": model, "rng": rng, "engine": engine, "extra": extra}[kind][rest] = tensor
     groups = json.loads(meta.pop("optim_groups"))
     return TrainingState(model, optim, groups, rng, engine, extra, meta)
-
-
-def load_weights(path: Path, prefix: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The tensors under `prefix` (e.g. 'model/teacher.backbone.') with the prefix removed."""
-    meta = read_metadata(path)
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-    return tensors, meta
