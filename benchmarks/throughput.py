@@ -10,7 +10,7 @@ does). Data: `--data` (default: the preset's, or builtin:shapes when the preset 
 built-in images are 64 px and are up-sampled by the random-resized crops, which costs the same
 CPU work per crop as real JPEG-decoded images minus the decode.
 MFU = achieved model FLOP/s / peak; model FLOPs per image = 3 x student forward over all crops
-(forward + backward) + teacher forward over the 2 global crops, counted with
+(forward + backward) + teacher forward over the 2 global crops (none for SimSiam), counted with
 torch.utils.flop_counter on the backbone (heads excluded, < 1 % for ViTs). Peak: --peak-tflops,
 or 989 for H100/H200 (dense bf16); null when unknown (CPU).
 Prints one JSON object.
@@ -30,6 +30,7 @@ from sslcli.data.datasets import open_dataset
 from sslcli.data.loader import build_train_loader
 from sslcli.methods import build_method
 from sslcli.models.backbone import count_flops_per_image
+from sslcli.train.distributed import DistEnv, set_cpu_threads
 from sslcli.train.engine import train_step
 from sslcli.train.optim import build_optimizer
 
@@ -53,7 +54,8 @@ def model_flops_per_image(method, cfg) -> float:
     g = count_flops_per_image(backbone, cfg.data.global_crop_size)
     local = count_flops_per_image(backbone, cfg.data.local_crop_size) if cfg.data.local_crops else 0.0
     student = 2 * g + cfg.data.local_crops * local
-    return 3 * student + 2 * g
+    teacher = 2 * g if hasattr(method, "teacher") else 0.0  # SimSiam has no teacher forward
+    return 3 * student + teacher
 
 
 def peak_tflops(device: torch.device, given: float | None) -> float | None:
@@ -69,6 +71,7 @@ def main() -> None:
     args = parse()
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     cfg = load_config(args.preset, overrides=args.overrides)
+    threads = set_cpu_threads(DistEnv(0, 1, 0, device), cfg.train.workers)  # as `ssl pretrain` does
     data = args.data or cfg.data.path or "builtin:shapes"
     dataset = open_dataset(data)
     loader, sampler = build_train_loader(dataset, cfg.data, cfg.optim.batch_size, 0, 1, cfg.train.seed,
@@ -77,7 +80,7 @@ def main() -> None:
     method = build_method(cfg.model, cfg.method, epochs, sampler.steps_per_epoch).to(device)
     if cfg.train.compile:
         method.student.backbone.compile()
-    optimizer = build_optimizer(method.student, cfg.optim, device)
+    optimizer = build_optimizer(method.student, cfg.optim, device, method.constant_lr_parameters())
     flops = model_flops_per_image(method, cfg)
     waits, computes = [], []
     step, total = 0, args.warmup + args.steps
@@ -108,7 +111,7 @@ def main() -> None:
         if device.type == "cuda" else "cpu", "arch": cfg.model.arch, "batch_size": cfg.optim.batch_size,
         "crops": f"2x{cfg.data.global_crop_size}" + (f"+{cfg.data.local_crops}x{cfg.data.local_crop_size}"
                                                       if cfg.data.local_crops else ""),
-        "precision": cfg.train.precision, "compile": cfg.train.compile, "workers": cfg.train.workers,
+        "precision": cfg.train.precision, "compile": cfg.train.compile, "workers": cfg.train.workers, "threads": threads,
         "steps": args.steps, "img_per_s": round(img_s, 1), "step_s": round(step_s, 4),
         "data_wait_s": round(sum(waits) / len(waits), 4), "compute_s": round(sum(computes) / len(computes), 4),
         "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda"

@@ -52,9 +52,9 @@ class ModelConfig:
 class MethodConfig:
     """Self-distillation method and its head. Field use per method is in each method's docstring."""
 
-    name: Literal["dino"] = "dino"
-    out_dim: int = 65536  # K, number of prototypes
-    hidden_dim: int = 2048
+    name: Literal["dino", "simsiam"] = "dino"
+    out_dim: int = 65536  # DINO: K, number of prototypes; SimSiam: projector output width
+    hidden_dim: int = 2048  # head / projector hidden width
     bottleneck_dim: int = 256
     head_layers: int = 3
     use_bn_in_head: bool = False
@@ -67,13 +67,22 @@ class MethodConfig:
     momentum_teacher: float = 0.996  # cosine from this to momentum_teacher_end, per iteration
     momentum_teacher_end: float = 1.0
     freeze_last_layer: int = 1  # epochs during which the head's last layer is not updated
+    pred_dim: int = 512  # SimSiam: predictor bottleneck width
+    fix_pred_lr: bool = True  # SimSiam: the predictor keeps the base lr (no cosine decay)
 
 
 @dataclass
 class BootstrapConfig:
-    """Neighbour bootstrapping (AdaSim and friends). Only `none` is available so far."""
+    """Neighbour bootstrapping (methods.md "Neighbour bootstrapping"): which image the second view
+    of anchor i is cropped from. none: i itself; nn: its nearest cached neighbour; adasim: sampled
+    from the window distribution when the latent space around i is trusted; oracle: a same-class
+    image (labels needed)."""
 
-    name: Literal["none"] = "none"
+    name: Literal["none", "nn", "adasim", "oracle"] = "none"
+    tau: float = 0.2  # adasim: softmax temperature of p_win; 0 = never bootstrap
+    window: int = 1  # w: epochs of neighbour lists kept (adasim)
+    top_k: int = 10  # K: neighbours recorded per anchor and epoch, and candidates kept
+    p: float = 0.0  # oracle: final probability of a standard pair (p_std goes 1 -> p)
 
 
 @dataclass
@@ -111,6 +120,8 @@ class OptimConfig:
     momentum: float = 0.9  # sgd / lars
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float = 3.0  # per-parameter-tensor norm clip; 0 disables
+    schedule_unit: Literal["step", "epoch"] = "step"  # lr / wd cosine per iteration (DINO) or per epoch (SimSiam)
+    decay_norm_and_bias: bool = False  # weight decay on biases and 1-D params too (SimSiam)
 
 
 @dataclass
@@ -371,6 +382,10 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.method.center_momentum <= 1, "method.center_momentum must be in [0, 1]"),
         (all(0 < s <= 1 for s in cfg.data.global_crops_scale + cfg.data.local_crops_scale),
          "crop scales must lie in (0, 1]"),
+        (cfg.bootstrap.tau >= 0, "bootstrap.tau must be >= 0"),
+        (cfg.bootstrap.window >= 1, "bootstrap.window must be >= 1"),
+        (cfg.bootstrap.top_k >= 2, "bootstrap.top_k must be >= 2 (self and at least one neighbour)"),
+        (0 <= cfg.bootstrap.p <= 1, "bootstrap.p must be in [0, 1]"),
     ]
     for ok, message in checks:
         if not ok:

@@ -32,3 +32,16 @@ def dino_loss(student_logits: list[Tensor], teacher_logits: list[Tensor], center
             total = total + torch.sum(-q * log_p, dim=-1).mean()
             pairs += 1
     return total / pairs
+
+
+def simsiam_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
+    """SimSiam symmetrised negative cosine (Chen & He 2021, Eq. 1-2 and Algorithm 1).
+
+    p1, p2: predictor outputs of views 1 and 2 [B, D]; z1, z2: projector outputs [B, D].
+    L = -1/2 * (mean_b cos(p1_b, sg(z2_b)) + mean_b cos(p2_b, sg(z1_b))); sg = stop-gradient, so no
+    gradient reaches z1 or z2 through this loss (only through p1, p2). Range [-1, 1].
+    """
+    def neg_cos(p: Tensor, z: Tensor) -> Tensor:  # [B, D], [B, D] -> scalar (eps 1e-8 as nn.CosineSimilarity)
+        return -F.cosine_similarity(p.float(), z.detach().float(), dim=-1).mean()
+
+    return 0.5 * (neg_cos(p1, z2) + neg_cos(p2, z1))

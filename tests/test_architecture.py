@@ -15,7 +15,7 @@ LAYERS = {
     "data": 1, "models": 1, "losses": 1,
     "methods": 2, "bootstrap": 2,
     "eval": 3,
-    "train": 4, "export": 4,
+    "train": 4, "export": 4, "neighbors": 4,
     "cli": 5, "__main__": 6,
 }
 

@@ -10,7 +10,7 @@ def test_defaults_and_overrides_are_typed():
     assert cfg.optim.lr == 0.001 and isinstance(cfg.optim.lr, float)
     assert cfg.train.epochs == 3
     assert cfg.data.global_crops_scale == (0.3, 1.0)
-    assert cfg.model.kwargs["depth"] == 2 and cfg.model.kwargs["embed_dim"] == 128  # mappings merge
+    assert cfg.model.kwargs["depth"] == 2 and cfg.model.kwargs["embed_dim"] == 96  # mappings merge
     assert cfg.monitor.knn_train == "/data/x"
 
 

@@ -33,3 +33,25 @@ def test_divergence_guard_remembers_the_first_bad_step_and_term():
     guard.observe(2, StepOutput(torch.tensor(float("nan")), {"a": torch.tensor(float("nan")), "b": torch.tensor(0.0)}))
     with pytest.raises(TrainingError, match=r"non-finite b at step 2; stopped \(no checkpoint was written yet\)"):
         guard.check(None)
+
+
+def test_cpu_threads_leave_cores_to_the_data_workers(monkeypatch):
+    import torch
+
+    from sslcli.train.distributed import DistEnv, set_cpu_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    cpu = torch.device("cpu")
+    try:
+        assert set_cpu_threads(DistEnv(0, 1, 0, cpu), workers=2) == 6
+        assert torch.get_num_threads() == 6
+        assert set_cpu_threads(DistEnv(0, 2, 0, cpu), workers=1) == 3  # 8 cores shared by 2 processes
+        assert set_cpu_threads(DistEnv(0, 1, 0, cpu), workers=10) == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "5")
+        torch.set_num_threads(2)
+        assert set_cpu_threads(DistEnv(0, 1, 0, cpu), workers=1) == 2  # the user's choice wins
+    finally:
+        torch.set_num_threads(before)

@@ -18,6 +18,10 @@ PAPER_PRESETS = [
     "dino-vitb16-100ep",
     "dino-vits16-mc2x224", "dino-vits16-mc2x224-2x96", "dino-vits16-mc2x224-6x96",
     "dino-vits16-mc2x224-10x96",
+    "simsiam-rn50", "nn-simsiam-rn50", "adasim-simsiam-rn50",
+    "nn-dino2-rn50", "adasim-dino2-rn50", "nn-dino2-vits16", "adasim-dino2-vits16",
+    "nn-dino2-vitb16", "adasim-dino2-vitb16",
+    "oracle-dino2-vits16-p0", "oracle-dino2-vits16-p0.5",
 ]
 
 
@@ -200,3 +204,64 @@ def test_compute_table_rows_differ_only_in_local_crops():
     vits16 = to_dict(load_config("dino-vits16"))
     for section in ("model", "method", "data", "optim"):
         assert base[section] == vits16[section], section
+
+
+# ----------------------------------------------------------------------------- AdaSim Tables 1 and 2
+
+
+ADASIM_TABLE2 = {  # name: (baseline preset, bootstrap (name, tau, window, top_k), reported)
+    "nn-simsiam-rn50": ("simsiam-rn50", ("nn", None, 1, 10), {"knn": 56.2, "linear": 65.9}),
+    "adasim-simsiam-rn50": ("simsiam-rn50", ("adasim", 0.2, 1, 10), {"knn": 57.9, "linear": 68.1}),
+    "nn-dino2-rn50": ("dino2-rn50", ("nn", None, 1, 10), {"converged": 0.0}),
+    "adasim-dino2-rn50": ("dino2-rn50", ("adasim", 0.2, 1, 10), {"knn": 50.7, "linear": 60.1}),
+    "nn-dino2-vits16": ("dino2-vits16", ("nn", None, 1, 10), {"converged": 0.0}),
+    "adasim-dino2-vits16": ("dino2-vits16", ("adasim", 0.2, 10, 3), {"knn": 70.1, "linear": 73.3}),
+    "nn-dino2-vitb16": ("dino2-vitb16", ("nn", None, 1, 10), {"converged": 0.0}),
+    "adasim-dino2-vitb16": ("dino2-vitb16", ("adasim", 0.2, 10, 3), {"knn": 72.7, "linear": 75.0}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADASIM_TABLE2))
+def test_adasim_table2_rows_differ_from_their_baseline_only_in_bootstrap(name):
+    base_name, (kind, tau, window, top_k), reported = ADASIM_TABLE2[name]
+    c, base = load_config(name), load_config(base_name)
+    assert c.source.paper.startswith("AdaSim") and c.source.table == "2"
+    assert c.source.reported == reported
+    b = c.bootstrap
+    assert (b.name, b.window, b.top_k) == (kind, window, top_k)
+    if tau is not None:
+        assert b.tau == tau
+    mine, theirs = to_dict(c), to_dict(base)
+    diff = {k for k in mine if mine[k] != theirs[k]} - {"name", "notes", "source", "bootstrap"}
+    assert not diff, (name, diff)
+    assert base.bootstrap.name == "none"
+
+
+def test_simsiam_b1_recipe():
+    c = load_config("simsiam-rn50")
+    assert c.source.paper.startswith("AdaSim") and c.source.table == "2"
+    assert c.source.reported == {"knn": 57.1, "linear": 68.0}
+    assert c.method.name == "simsiam" and c.model.arch == "resnet50" and c.model.drop_path_rate == 0.0
+    assert (c.method.out_dim, c.method.hidden_dim, c.method.pred_dim) == (2048, 2048, 512)
+    assert c.method.fix_pred_lr is True and c.bootstrap.name == "none"
+    o = c.optim
+    assert (o.name, o.batch_size, o.lr, o.lr_scaling, o.momentum) == ("sgd", 512, 0.05, "linear", 0.9)
+    assert o.weight_decay == o.weight_decay_end == 1e-4 and o.decay_norm_and_bias is True
+    assert (o.warmup_epochs, o.min_lr, o.clip_grad, o.schedule_unit) == (0, 0.0, 0.0, "epoch")
+    d = c.data
+    assert (d.global_crops, d.local_crops, d.global_crop_size) == (2, 0, 224)
+    assert d.global_crops_scale == (0.2, 1.0) and d.color_jitter == (0.4, 0.4, 0.4, 0.1)
+    assert (d.color_jitter_prob, d.grayscale_prob, d.solarize_prob) == (0.8, 0.2, 0.0)
+    assert d.blur_probs == (0.5, 0.5, 0.5) and d.path is None
+    assert c.train.epochs == 100
+
+
+@pytest.mark.parametrize("name, p, reported", [
+    ("oracle-dino2-vits16-p0", 0.0, {"knn": 74.3, "knn_top5": 90.5, "linear": 75.8, "linear_top5": 92.7}),
+    ("oracle-dino2-vits16-p0.5", 0.5, {"knn": 74.9, "knn_top5": 90.9, "linear": 76.3, "linear_top5": 93.0}),
+])
+def test_adasim_table1_oracle(name, p, reported):
+    c = load_config(name)
+    assert c.source.table == "1" and c.source.reported == reported
+    assert c.bootstrap.name == "oracle" and c.bootstrap.p == p
+    assert c.model.arch == "vit_small_patch16_224" and c.train.epochs == 800 and c.data.local_crops == 0

@@ -25,5 +25,7 @@ def test_preset_builds_and_runs_a_step(name):
     size = 32 if is_vit_arch(cfg.model.arch) else 64
     views = [torch.randn(2, 3, size, size)] * 2 + [torch.randn(2, 3, size // 2, size // 2)] * cfg.data.local_crops
     out = method.loss(views, epoch=0, with_stats=True)
-    assert torch.isfinite(out.loss) and set(out.stats) >= {"teacher_entropy", "kl", "embed_std", "embed_rank"}
-    assert len(method.teacher_temp) == cfg.train.epochs
+    assert torch.isfinite(out.loss) and set(out.stats) >= {"embed_std", "embed_rank"}
+    if cfg.method.name == "dino":  # teacher distribution and temperature schedule: DINO only
+        assert set(out.stats) >= {"teacher_entropy", "kl"}
+        assert len(method.teacher_temp) == cfg.train.epochs

@@ -6,6 +6,7 @@ import typer
 
 from sslcli.cli import data, evals, presets
 from sslcli.cli.export import export_command
+from sslcli.cli.neighbors import neighbors_command
 from sslcli.cli.pretrain import pretrain_command
 
 app = typer.Typer(
@@ -17,6 +18,7 @@ app = typer.Typer(
 )
 app.command("pretrain")(pretrain_command)
 app.command("export")(export_command)
+app.command("neighbors")(neighbors_command)
 app.add_typer(evals.app, name="eval")
 app.add_typer(presets.app, name="presets")
 app.add_typer(data.app, name="data")

@@ -73,6 +73,8 @@ def render_summary(summary: dict, out: Path) -> None:
     if "knn_top1_init" in summary:
         table.add_row("k-NN top-1, initial teacher (%)", f"{summary['knn_top1_init']:.2f}")
         table.add_row("k-NN top-1, trained teacher (%)", f"{summary['knn_top1_final']:.2f}")
+    for key, value in summary.get("bootstrap", {}).items():  # last epoch: bootstrap_ratio, nn_acc, nn2_acc
+        table.add_row(f"{key}, last epoch (%)", f"{value:.2f}")
     for key, value in summary["source"].get("reported", {}).items():
         table.add_row(f"reported {key} ({summary['source'].get('paper', '').split(' (')[0]})", str(value))
     if summary.get("bad_images"):

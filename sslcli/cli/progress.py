@@ -21,7 +21,7 @@ class RichReporter:
             TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
             TextColumn("{task.fields[ips]} img/s"), TextColumn("wait {task.fields[wait]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[epoch_info]}"),
             console=stderr, transient=False)
         self.task = None
         self.steps_per_epoch = 1
@@ -30,12 +30,19 @@ class RichReporter:
         self.steps_per_epoch = steps_per_epoch
         self.progress.start()
         self.task = self.progress.add_task("train", total=total_steps, completed=start_step,
-                                           epoch=start_step // steps_per_epoch, loss="-", lr="-", ips="-", wait="-")
+                                           epoch=start_step // steps_per_epoch, loss="-", lr="-", ips="-", wait="-",
+                                           epoch_info="")
 
     def update(self, step: int, metrics: dict[str, Any]) -> None:
         self.progress.update(self.task, completed=step, epoch=metrics["epoch"], loss=f"{metrics['loss']:.4f}",
                              lr=f"{metrics['lr']:.2e}", ips=f"{metrics['img_per_s']:.0f}",
                              wait=f"{100 * metrics['data_wait']:.0f}%")
+
+    def epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
+        """Per-epoch figures (bootstrapping: bootstrap_ratio, nn_acc, nn2_acc), kept on the bar."""
+        names = {"bootstrap_ratio": "boot", "nn_acc": "nn", "nn2_acc": "nn2"}
+        info = " ".join(f"{names.get(k, k)} {v:.1f}%" for k, v in metrics.items())
+        self.progress.update(self.task, epoch_info=info)
 
     def warn(self, message: str) -> None:
         self.progress.console.print(f"[bold yellow]warning:[/] {message}")

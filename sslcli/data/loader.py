@@ -5,6 +5,11 @@ number of workers, the number of processes or the resume point. `EpochBatchSampl
 (epoch, index) pairs; `TrainSet` seeds Python's `random` and torch's CPU generator from
 (seed, epoch, index) before the transform, and restores both afterwards so that in-process
 loading (workers=0) leaves the caller's RNG streams (e.g. the model's dropout) untouched.
+
+Neighbour bootstrapping: the sampler holds the epoch's plan j* [N] (set by the engine before the
+epoch, `EpochBatchSampler.plan`) and yields (epoch, i, j*) triples; the loader workers load x_i
+for the first global view and the local views and x_{j*} for the second global view. The plan
+travels as three ints per sample in the index queue: nothing is shared between processes.
 """
 
 from __future__ import annotations
@@ -36,10 +41,11 @@ def sample_seed(base_seed: int, epoch: int, index: int) -> int:
 class TrainSet(Dataset):
     """Augmented training samples addressed by (epoch, index).
 
-    `trainset[(epoch, i)]` -> {"crops": list of tensors (one per view), "index": int, "label":
-    int, "bad": int}. When image i cannot be read, the next images (i+1, i+2, ... mod N) are tried
-    deterministically; "index"/"label" are those of the image used and "bad" counts the skipped
-    ones. A warning is logged once per bad file per process; DataError after
+    `trainset[(epoch, i)]` or `trainset[(epoch, i, j)]` -> {"crops": list of tensors (one per
+    view), "index": int, "label": int, "second": int, "bad": int}; with j != i the second global
+    view is cropped from image j ("second"). When image i cannot be read, the next images (i+1,
+    i+2, ... mod N) are tried deterministically; "index"/"label" are those of the image used and
+    "bad" counts the skipped ones (an unreadable x_j gives a standard pair, also counted). A warning is logged once per bad file per process; DataError after
     MAX_CONSECUTIVE_BAD consecutive failures.
     """
 
@@ -67,22 +73,38 @@ class TrainSet(Dataset):
         raise DataError(f"{min(MAX_CONSECUTIVE_BAD, n)} consecutive unreadable images from id "
                         f"{index} in '{self.dataset.name}' (e.g. {self.dataset.paths[index]})")
 
-    def _augment(self, img, seed: int) -> list[torch.Tensor]:
+    def _augment(self, img, second, seed: int) -> list[torch.Tensor]:
         """Run the transform under `seed`, then restore the caller's RNG states."""
         py_state, torch_state = random.getstate(), torch.default_generator.get_state()
         try:
             random.seed(seed)
             torch.default_generator.manual_seed(seed)  # CPU only: CUDA generators untouched
-            return self.transform(img)
+            return self.transform(img) if second is None else self.transform(img, second)
         finally:
             random.setstate(py_state)
             torch.default_generator.set_state(torch_state)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        epoch, index = key
-        img, used, bad = self._load_first_good(int(index))
-        crops = self._augment(img, sample_seed(self.base_seed, int(epoch), int(index)))
-        return {"crops": crops, "index": used, "label": int(self.dataset.labels[used]), "bad": bad}
+    def _load_second(self, j: int):
+        """(image j or None when unreadable, 1 if it was unreadable)."""
+        try:
+            return self.dataset.load(j), 0
+        except Exception as e:
+            if j not in self._warned:
+                self._warned.add(j)
+                logger.warning("skipping unreadable image %d (%s): %s: %s", j, self.dataset.paths[j],
+                               type(e).__name__, e)
+            return None, 1
+
+    def __getitem__(self, key: tuple[int, ...]) -> dict:
+        epoch, index = int(key[0]), int(key[1])
+        img, used, bad = self._load_first_good(index)
+        second, j = None, used
+        if len(key) > 2 and int(key[2]) != index and used == index:
+            second, bad_second = self._load_second(int(key[2]))
+            j, bad = (int(key[2]), bad) if second is not None else (used, bad + bad_second)
+        crops = self._augment(img, second, sample_seed(self.base_seed, epoch, index))
+        return {"crops": crops, "index": used, "label": int(self.dataset.labels[used]), "second": j,
+                "bad": bad}
 
 
 class EpochBatchSampler(Sampler):
@@ -108,6 +130,7 @@ class EpochBatchSampler(Sampler):
         self.n, self.batch_size_total, self.rank, self.world = n, batch_size_total, rank, world
         self.batch_size = batch_size_total // world
         self.seed = seed
+        self.plan: torch.Tensor | None = None  # j* [n] of the coming epoch (bootstrapping), else None
         self.set_position(start_epoch, start_step)
 
     @property
@@ -154,18 +177,23 @@ class EpochBatchSampler(Sampler):
         epoch, step = self._epoch, self._step
         self._epoch, self._step = epoch + 1, 0
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
-        for batch in self.global_batches(epoch)[step:, lo:hi].tolist():
-            yield [(epoch, i) for i in batch]
+        plan = self.plan
+        for batch in self.global_batches(epoch)[step:, lo:hi]:
+            if plan is None:
+                yield [(epoch, i) for i in batch.tolist()]
+            else:
+                yield [(epoch, i, j) for i, j in zip(batch.tolist(), plan[batch].tolist())]
 
 
 def collate_crops(samples: list[dict]) -> dict:
     """Stack TrainSet samples: {"crops": list (per view) of [b, 3, H, W] tensors, "index":
-    int64 [b], "label": int64 [b], "bad": int64 scalar (images skipped in this batch)}."""
+    int64 [b], "label": int64 [b], "second": int64 [b] (image of global view 2), "bad": int64 scalar (images skipped in this batch)}."""
     views = len(samples[0]["crops"])
     return {
         "crops": [torch.stack([s["crops"][v] for s in samples]) for v in range(views)],
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+        "second": torch.tensor([s["second"] for s in samples], dtype=torch.long),
         "bad": torch.tensor(sum(s["bad"] for s in samples), dtype=torch.long),
     }
 

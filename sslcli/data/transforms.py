@@ -97,8 +97,10 @@ class MultiCropTransform:
                                 GaussianBlur(p_local), normalize])
         self.local_crops = cfg.local_crops
 
-    def __call__(self, img: Image.Image) -> list[torch.Tensor]:
-        crops = [self.global1(img), self.global2(img)]
+    def __call__(self, img: Image.Image, second: Image.Image | None = None) -> list[torch.Tensor]:
+        """Crops of `img`; global view 2 is cropped from `second` when given (neighbour
+        bootstrapping: x_{j*}). The random draws are the same either way."""
+        crops = [self.global1(img), self.global2(img if second is None else second)]
         crops.extend(self.local(img) for _ in range(self.local_crops))
         return crops
 

@@ -6,8 +6,9 @@ from sslcli.config import MethodConfig, ModelConfig
 from sslcli.errors import ConfigError, hint
 from sslcli.methods.base import Method, StepOutput
 from sslcli.methods.dino import DINO
+from sslcli.methods.simsiam import SimSiam
 
-METHODS = {"dino": DINO}
+METHODS = {"dino": DINO, "simsiam": SimSiam}
 
 
 def build_method(model_cfg: ModelConfig, method_cfg: MethodConfig, epochs: int, steps_per_epoch: int) -> Method:

@@ -7,6 +7,10 @@ A method is an nn.Module owning its networks and state (its state_dict is checkp
   cancel_gradients(epoch)         drop gradients that must not update yet (before clipping)
   after_step(step)                EMA / memories after the optimizer step of iteration `step`
   distribute(wrap)                route student forwards through a DDP wrapper
+  constant_lr_parameters()        student parameters whose lr stays at the scaled base lr for the
+                                  whole run (no warm-up, no cosine), e.g. SimSiam's predictor with
+                                  fix_pred_lr; [] for most methods. The optimizer puts them in
+                                  their own groups (sslcli.train.optim.build_optimizer).
 """
 
 from __future__ import annotations
@@ -42,3 +46,5 @@ class Method(Protocol):
     def after_step(self, step: int) -> None: ...
 
     def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None: ...
+
+    def constant_lr_parameters(self) -> list[nn.Parameter]: ...

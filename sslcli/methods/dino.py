@@ -91,6 +91,10 @@ class DINO(nn.Module):
         """Route student forward passes through `wrap(student)` (DDP); state_dict keys unchanged."""
         self.__dict__["student_forward"] = wrap(self.student)
 
+    def constant_lr_parameters(self) -> list[nn.Parameter]:
+        """Every student parameter follows the lr schedule."""
+        return []
+
     def loss(self, crops: list[Tensor], epoch: int, with_stats: bool = False) -> StepOutput:
         """crops: 2 global views then the local views, each [B, 3, H, W]."""
         with torch.no_grad():

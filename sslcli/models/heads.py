@@ -4,6 +4,9 @@ DINOHead (Caron et al. 2021, Sec. 3.1 / appendix): MLP in -> hidden -> hidden ->
 (GELU between, optional BN), trunc-normal(0.02) init, zero bias; L2-normalise the bottleneck;
 then a weight-normalised linear layer bottleneck -> K without bias. With norm_last_layer the
 gain is frozen at 1, so logits are cosines to K unit-norm prototypes.
+
+SimSiamProjector / SimSiamPredictor (Chen & He 2021, Sec. 4.1 and the authors' simsiam/builder.py):
+BN-MLPs with PyTorch's default Linear / BN initialisation (the authors' code keeps torchvision's).
 """
 
 from __future__ import annotations
@@ -68,3 +71,30 @@ def _init_linear(m: nn.Module) -> None:
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+class SimSiamProjector(nn.Sequential):
+    """[B, in_dim] -> z [B, out_dim]: Linear(no bias)-BN-ReLU-Linear(no bias)-BN-ReLU-Linear-BN(affine=False).
+
+    The third Linear has a bias that is frozen (requires_grad False), as in the authors' code, where
+    it is the ResNet's original `fc` and `encoder.fc[6].bias.requires_grad = False` ("not use bias as
+    it is followed by BN"): the affine-free BN subtracts it again, so it never changes the output.
+    Frozen parameters are left out of the optimizer (sslcli.train.optim.param_groups).
+    Indices as in the authors' `encoder.fc`: [0] [3] [6] Linear, [1] [4] [7] BN, [2] [5] ReLU.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 2048):
+        super().__init__(
+            nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, out_dim), nn.BatchNorm1d(out_dim, affine=False))
+        self[6].bias.requires_grad_(False)
+
+
+class SimSiamPredictor(nn.Sequential):
+    """h: z [B, dim] -> p [B, dim]: Linear(dim, pred_dim, no bias)-BN-ReLU-Linear(pred_dim, dim) (bias)."""
+
+    def __init__(self, dim: int = 2048, pred_dim: int = 512):
+        super().__init__(
+            nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim), nn.ReLU(inplace=True),
+            nn.Linear(pred_dim, dim))

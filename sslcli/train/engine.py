@@ -30,7 +30,7 @@ from torch import Tensor
 from sslcli.config import Config, OptimConfig
 from sslcli.errors import TrainingError
 from sslcli.methods import Method, StepOutput
-from sslcli.schedules import cosine_schedule
+from sslcli.schedules import cosine_schedule, epoch_cosine_schedule
 from sslcli.train.optim import clip_gradients_per_param, scaled_lr, set_lr_wd
 
 log = logging.getLogger("sslcli.train")
@@ -38,15 +38,20 @@ log = logging.getLogger("sslcli.train")
 
 @dataclass
 class Schedules:
-    """Per-iteration learning rate and weight decay (momentum / temperatures live in the method)."""
+    """Per-iteration learning rate and weight decay (momentum / temperatures live in the method).
+
+    optim.schedule_unit: `step` = cosine per iteration (DINO); `epoch` = cosine per epoch, each
+    value held for the epoch's iterations (SimSiam's adjust_learning_rate).
+    """
 
     lr: list[float]
     wd: list[float]
 
     @classmethod
     def build(cls, cfg: OptimConfig, epochs: int, steps_per_epoch: int) -> "Schedules":
-        lr = cosine_schedule(scaled_lr(cfg), cfg.min_lr, epochs, steps_per_epoch, cfg.warmup_epochs)
-        wd = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, epochs, steps_per_epoch)
+        cosine = epoch_cosine_schedule if cfg.schedule_unit == "epoch" else cosine_schedule
+        lr = cosine(scaled_lr(cfg), cfg.min_lr, epochs, steps_per_epoch, cfg.warmup_epochs)
+        wd = cosine(cfg.weight_decay, cfg.weight_decay_end, epochs, steps_per_epoch)
         return cls(lr, wd)
 
 
@@ -123,6 +128,7 @@ class LoopState:
     last_checkpoint: Path | None = None
     stats: dict[str, Tensor] = field(default_factory=dict)
     last_record: dict = field(default_factory=dict)
+    epoch_record: dict = field(default_factory=dict)  # last per-epoch figures (bootstrap_ratio, nn_acc, ...)
 
 
 def autocast_context(precision: str, device: torch.device):

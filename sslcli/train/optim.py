@@ -1,14 +1,20 @@
 """Optimizers, parameter groups and DINO's per-parameter gradient clipping.
 
 Weight decay applies to weights only: biases and every 1-D parameter (norm scales) get none;
-cls_token and pos_embed are decayed (DINO's `get_params_groups`). The learning rate given in the
-config is per 256 images and scaled by the method's rule (`linear`: x batch/256, DINO family;
-`sqrt`: x sqrt(batch/1024), DINOv2; `none`). lr and wd are set per iteration from the schedules.
+cls_token and pos_embed are decayed (DINO's `get_params_groups`). With
+`optim.decay_norm_and_bias` every parameter is decayed (SimSiam: weight decay 1e-4 on all).
+The learning rate given in the config is per 256 images and scaled by the method's rule (`linear`:
+x batch/256, DINO family and SimSiam; `sqrt`: x sqrt(batch/1024), DINOv2; `none`). lr and wd are
+set per iteration from the schedules, except in groups holding the method's constant-lr parameters
+(`Method.constant_lr_parameters()`, e.g. SimSiam's predictor with fix_pred_lr): those carry
+`"constant_lr": <scaled base lr>` and keep that lr for the whole run (their wd still follows the
+schedule, as in the authors' `adjust_learning_rate`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -24,14 +30,33 @@ def scaled_lr(cfg: OptimConfig) -> float:
     return cfg.lr
 
 
-def param_groups(model: nn.Module) -> list[dict]:
-    """[decayed weights, non-decayed biases and 1-D params]; frozen parameters are left out."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, decay_norm_and_bias: bool = False, constant_lr: Iterable[nn.Parameter] = (),
+                 base_lr: float = 0.0) -> list[dict]:
+    """Parameter groups; frozen parameters are left out and empty groups dropped.
+
+    Default: [decayed weights, non-decayed biases and 1-D params]. decay_norm_and_bias: everything
+    in the decayed group. Parameters in `constant_lr` go to groups of their own (same decay split)
+    marked `"constant_lr": base_lr`, after the scheduled ones.
+    """
+    fixed = {id(p) for p in constant_lr}
+    if fixed - {id(p) for p in model.parameters()}:
+        raise ValueError("constant_lr parameters must be parameters of the optimised model")
+    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {(c, d): [] for c in (False, True) for d in (True, False)}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
-    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
+        decayed = decay_norm_and_bias or not (name.endswith(".bias") or p.ndim == 1)
+        buckets[(id(p) in fixed, decayed)].append(p)
+    groups = []
+    for (constant, decayed), params in buckets.items():
+        group: dict = {"params": params, "apply_wd": decayed}
+        if not decayed:
+            group["weight_decay"] = 0.0
+        if constant:
+            group["constant_lr"] = base_lr
+        if params:
+            groups.append(group)
+    return groups
 
 
 class LARS(torch.optim.Optimizer):
@@ -62,9 +87,13 @@ class LARS(torch.optim.Optimizer):
                 p.add_(mu, alpha=-g["lr"])
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """lr and weight decay are placeholders here: the engine sets them every iteration."""
-    groups = param_groups(model)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
+                    constant_lr: Iterable[nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """lr and weight decay are placeholders here: the engine sets them every iteration.
+
+    constant_lr: parameters of `model` kept at the scaled base lr (`Method.constant_lr_parameters()`).
+    """
+    groups = param_groups(model, cfg.decay_norm_and_bias, constant_lr, scaled_lr(cfg))
     if cfg.name == "adamw":
         fused = device.type == "cuda"
         return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, fused=fused)
@@ -74,8 +103,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
 
 
 def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
+    """The scheduled lr and wd of one iteration; constant-lr groups keep their `constant_lr`."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = group.get("constant_lr", lr)
         if group.get("apply_wd", True):
             group["weight_decay"] = wd
 

@@ -23,13 +23,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import sslcli
+from sslcli.bootstrap import Bootstrapper
 from sslcli.config import Config, to_dict, to_yaml
 from sslcli.data.datasets import open_dataset
 from sslcli.data.loader import build_train_loader
 from sslcli.errors import Interrupted, UsageError
 from sslcli.methods import Method, build_method
 from sslcli.train import checkpoint as ckpt
-from sslcli.train.distributed import DistEnv, all_gather_rows, any_rank, barrier, in_torchrun, init_distributed, launch
+from sslcli.train.distributed import (DistEnv, all_gather_rows, any_rank, barrier, in_torchrun, init_distributed, launch,
+                                      set_cpu_threads)
 from sslcli.train.engine import (DivergenceGuard, LoopState, Schedules, StopRequest, health_warnings, log_record,
                                  reset_interval, timed, train_step)
 from sslcli.train.monitor import KnnMonitor
@@ -67,6 +69,7 @@ def pretrain(cfg: Config, opts: RunOptions, make_reporter: Callable[[], Reporter
 
 def train_process(cfg: Config, opts: RunOptions, make_reporter: Callable[[], Reporter]) -> dict:
     env = init_distributed(opts.device)
+    set_cpu_threads(env, cfg.train.workers)
     reporter = make_reporter() if env.is_main else NullReporter()
     handler = _prepare_run_dir(cfg, opts, env)
     try:
@@ -103,23 +106,29 @@ def _build(cfg: Config, opts: RunOptions, env: DistEnv):
     if env.world > 1:
         if env.device.type == "cuda":
             method.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method.student)
-            method.teacher = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method.teacher)
+            if hasattr(method, "teacher"):  # SimSiam has none
+                method.teacher = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method.teacher)
         ids = [env.device.index] if env.device.type == "cuda" else None
         method.distribute(lambda m: DistributedDataParallel(m, device_ids=ids))
     if cfg.train.compile:
         method.student.backbone.compile()
-    optimizer = build_optimizer(method.student, cfg.optim, env.device)
-    return dataset, loader, sampler, method, optimizer
+    bootstrap = None
+    if cfg.bootstrap.name != "none":
+        labels = torch.as_tensor(dataset.labels, dtype=torch.long)
+        bootstrap = Bootstrapper(cfg.bootstrap, len(dataset), method.teacher_backbone.embed_dim, labels,
+                                 cfg.train.epochs, cfg.train.seed, env.device, env.rank, env.world)
+    optimizer = build_optimizer(method.student, cfg.optim, env.device, method.constant_lr_parameters())
+    return dataset, loader, sampler, method, optimizer, bootstrap
 
 
 def _train(cfg: Config, opts: RunOptions, env: DistEnv, reporter: Reporter) -> dict:
     started = time.time()
-    dataset, loader, sampler, method, optimizer = _build(cfg, opts, env)
+    dataset, loader, sampler, method, optimizer, bootstrap = _build(cfg, opts, env)
     spe, epochs = sampler.steps_per_epoch, cfg.train.epochs
     sched = Schedules.build(cfg.optim, epochs, spe)
     state = LoopState(steps_per_epoch=spe)
     if opts.resume:
-        _restore(opts.out / "checkpoints" / "last.safetensors", method, optimizer, state, env)
+        _restore(opts.out / "checkpoints" / "last.safetensors", method, optimizer, state, env, bootstrap)
     metrics = MetricsWriter(opts.out / "metrics.jsonl", state.step if opts.resume else None) if env.is_main else None
     monitor = KnnMonitor(cfg.monitor, cfg.data, cfg.data.path, env.device) if cfg.monitor.knn_every and env.is_main else None
     knn = _read_knn_history(opts.out) if opts.resume else {}
@@ -137,10 +146,14 @@ def _train(cfg: Config, opts: RunOptions, env: DistEnv, reporter: Reporter) -> d
     with stop.installed():
         for epoch in range(state.step // spe, epochs):
             sampler.set_position(epoch, state.step % spe)
+            if bootstrap is not None:  # j* of every image, from the windows of earlier epochs
+                sampler.plan = bootstrap.plan(epoch)
             _run_epoch(cfg, env, loader, method, optimizer, sched, state, guard, stop, epoch, metrics, reporter,
-                       warned, opts)
+                       warned, opts, bootstrap)
             guard.check(state.last_checkpoint)
-            _save(opts, cfg, method, optimizer, state, env, epoch + 1)
+            if bootstrap is not None:
+                state.epoch_record = _end_bootstrap_epoch(bootstrap, env, state, epoch, metrics, reporter)
+            _save(opts, cfg, method, optimizer, state, env, epoch + 1, bootstrap)
             if monitor is not None and ((epoch + 1) % cfg.monitor.knn_every == 0 or epoch + 1 == epochs):
                 knn[epoch + 1] = monitor.evaluate(method.teacher_backbone)
                 metrics.write({"epoch": epoch + 1, "step": state.step, "knn_top1": knn[epoch + 1]})
@@ -153,7 +166,8 @@ def _train(cfg: Config, opts: RunOptions, env: DistEnv, reporter: Reporter) -> d
     return summary
 
 
-def _run_epoch(cfg, env, loader, method, optimizer, sched, state, guard, stop, epoch, metrics, reporter, warned, opts):
+def _run_epoch(cfg, env, loader, method, optimizer, sched, state, guard, stop, epoch, metrics, reporter, warned, opts,
+               bootstrap):
     clock = [time.perf_counter()]
     for batch in loader:
         state.data_wait += timed(clock)
@@ -163,6 +177,8 @@ def _run_epoch(cfg, env, loader, method, optimizer, sched, state, guard, stop, e
         out = train_step(method, optimizer, crops, epoch, sched.lr[i], sched.wd[i], cfg.optim.clip_grad,
                          cfg.train.precision, with_stats=log_now)
         method.after_step(i)
+        if bootstrap is not None:  # query-before-insert of this batch's anchors into the cache
+            bootstrap.observe(batch["index"], out.anchor)
         guard.observe(i, out)
         loss = out.loss.detach().float()
         state.loss_sum = loss if state.loss_sum is None else state.loss_sum + loss
@@ -176,7 +192,7 @@ def _run_epoch(cfg, env, loader, method, optimizer, sched, state, guard, stop, e
         state.compute += timed(clock)
         if (stop.requested if env.world == 1 else log_now and any_rank(stop.requested, env)):
             guard.check(state.last_checkpoint)
-            _save(opts, cfg, method, optimizer, state, env, None)
+            _save(opts, cfg, method, optimizer, state, env, None, bootstrap)
             raise Interrupted(f"interrupted at step {state.step}; checkpoint written to {state.last_checkpoint} "
                               f"(continue with --resume --out {opts.out})")
 
@@ -199,9 +215,24 @@ def _log(cfg, env, method, sched, state, guard, epoch, metrics, reporter, warned
                 reporter.warn(message)
 
 
+def _end_bootstrap_epoch(bootstrap: Bootstrapper, env: DistEnv, state: LoopState, epoch: int,
+                         metrics: MetricsWriter | None, reporter: Reporter) -> dict[str, float]:
+    record = bootstrap.end_epoch()  # collective
+    if env.is_main:
+        metrics.write({"epoch": epoch + 1, "step": state.step, **record})
+        reporter.epoch_end(epoch + 1, record)
+        log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.2f}" for k, v in record.items()))
+    return record
+
+
 def _save(opts: RunOptions, cfg: Config, method: Method, optimizer, state: LoopState, env: DistEnv,
-          epoch_done: int | None) -> None:
-    """All ranks gather RNG states; rank 0 writes last.safetensors (+ epoch-NNNN when due)."""
+          epoch_done: int | None, bootstrap: Bootstrapper | None) -> None:
+    """All ranks gather RNG states (and bootstrap shards); rank 0 writes last.safetensors
+    (+ epoch-NNNN when due)."""
+    extra = {}
+    if bootstrap is not None:
+        full = bootstrap.state_dict()  # collective; None on ranks other than 0
+        extra = {f"bootstrap.{k}": v for k, v in (full or {}).items()}
     rng = {"torch": all_gather_rows(torch.get_rng_state(), env)}
     if env.device.type == "cuda":
         rng["cuda"] = all_gather_rows(torch.cuda.get_rng_state(env.device), env)
@@ -213,7 +244,7 @@ def _save(opts: RunOptions, cfg: Config, method: Method, optimizer, state: LoopS
                   "bad_images": torch.tensor([state.bad_images])}
         meta = {"config": to_yaml(cfg), "arch": cfg.model.arch, "epoch": str(state.step // state.steps_per_epoch),
                 "step": str(state.step), "world": str(env.world), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        training = ckpt.TrainingState(method.state_dict(), optim_state, groups, rng, engine, {}, meta)
+        training = ckpt.TrainingState(method.state_dict(), optim_state, groups, rng, engine, extra, meta)
         ckpt.save_training_state(path, training)
         if epoch_done is not None and (epoch_done % cfg.train.checkpoint_every == 0 or epoch_done == cfg.train.epochs):
             ckpt.save_training_state(opts.out / "checkpoints" / f"epoch-{epoch_done:04d}.safetensors", training)
@@ -221,8 +252,18 @@ def _save(opts: RunOptions, cfg: Config, method: Method, optimizer, state: LoopS
     barrier(env)
 
 
-def _restore(path: Path, method: Method, optimizer, state: LoopState, env: DistEnv) -> None:
+def _restore(path: Path, method: Method, optimizer, state: LoopState, env: DistEnv,
+             bootstrap: Bootstrapper | None) -> None:
     saved = ckpt.load_training_state(path)
+    if bootstrap is not None:
+        boot = {k.removeprefix("bootstrap."): v for k, v in saved.extra.items() if k.startswith("bootstrap.")}
+        if not boot:
+            raise UsageError(f"checkpoint '{path}' has no bootstrap state but the config has "
+                             f"bootstrap.name {bootstrap.cfg.name}")
+        try:
+            bootstrap.load_state_dict(boot)
+        except ValueError as e:
+            raise UsageError(f"checkpoint '{path}': {e}") from None
     missing, unexpected = method.load_state_dict(saved.model, strict=False)
     if missing or unexpected:
         raise UsageError(f"checkpoint '{path}' does not match this config "
@@ -264,4 +305,6 @@ def _summary(cfg: Config, env: DistEnv, state: LoopState, knn: dict[int, float],
         summary["knn_top1_init"] = knn.get(0)
         summary["knn_top1_final"] = knn[max(knn)]
         summary["knn_top1"] = {str(k): v for k, v in sorted(knn.items())}
+    if state.epoch_record:  # the last epoch's bootstrap_ratio, nn_acc, nn2_acc
+        summary["bootstrap"] = state.epoch_record
     return summary

@@ -15,6 +15,8 @@ class Reporter(Protocol):
 
     def update(self, step: int, metrics: dict[str, Any]) -> None: ...
 
+    def epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None: ...
+
     def warn(self, message: str) -> None: ...
 
     def close(self) -> None: ...
@@ -27,6 +29,9 @@ class NullReporter:
         return None
 
     def update(self, step: int, metrics: dict[str, Any]) -> None:
+        return None
+
+    def epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
         return None
 
     def warn(self, message: str) -> None:
