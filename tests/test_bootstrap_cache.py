@@ -77,8 +77,14 @@ def test_end_epoch_shifts_the_window_oldest_first():
     latest = cache.current_ids.clone()
     cache.end_epoch()
     assert cache.epochs_done == 2
-    assert torch.equal(cache.window_ids[1], latest)
-    assert bool((cache.window_ids[0] == -1).all())  # epoch 0 found nothing (empty cache)
+    oldest, newest = cache.slot_order()
+    assert newest == cache.newest and torch.equal(cache.window_ids[newest], latest)
+    assert bool((cache.window_ids[oldest] == -1).all())  # epoch 0 found nothing (empty cache)
+    cache.observe(torch.arange(4), unit(4, 3, 2))
+    third = cache.current_ids.clone()
+    cache.end_epoch()  # the oldest slot (epoch 0) is overwritten
+    assert cache.slot_order() == [newest, oldest] and torch.equal(cache.window_ids[oldest], third)
+    assert torch.equal(cache.state_dict()["window_ids"], torch.stack([latest, third]))
     assert bool((cache.current_ids == -1).all())
 
 
@@ -90,7 +96,7 @@ def test_state_round_trip_onto_another_world_size():
     state = full_cache.state_dict()
     shard = NeighbourCache(7, 4, top_k=3, window=2, rank=1, world=2)  # owns ids 1, 3, 5
     shard.load_state_dict(state)
-    assert torch.equal(shard.window_ids, full_cache.window_ids[:, 1::2])
+    assert torch.equal(shard.window_ids, full_cache.window_ids[full_cache.slot_order()][:, 1::2])
     assert torch.equal(shard.z, full_cache.z[1::2])
     assert shard.epochs_done == 3
     with pytest.raises(ValueError, match="window_ids"):

@@ -49,7 +49,7 @@ class Bootstrapper:
         cache = self.cache
         inp = PlanInput(self.cfg, cache.owned, cache.window_ids, cache.window_sims, cache.epochs_done,
                         epoch, self.epochs, self.uniforms(epoch)[:, cache.owned],
-                        self.labels if self.labeled else None, cache.device)
+                        self.labels if self.labeled else None, cache.device, cache.newest)
         try:
             mine = self.rule(inp)
         except ValueError as e:

@@ -7,8 +7,8 @@ id's local row is id // world), rows = ceil((N - r) / world):
   z             [rows, d] float32, device   latest L2-normalised anchor representation (zeros = never seen)
   current_ids   [rows, K] int32,  device    this epoch's top-K support of each anchor (-1 = not yet)
   current_sims  [rows, K] float32, device   their cosine similarities
-  window_ids    [w, rows, K] int32, host    the last w completed epochs' supports, oldest first
-  window_sims   [w, rows, K] float32, host
+  window_ids    [w, rows, K] int32, host    the last w completed epochs' supports, a ring whose
+  window_sims   [w, rows, K] float32, host   newest slot is `newest` (`slot_order()`: oldest first)
 Per-rank memory: rows * (4 d + 8 K) bytes on the device, w * rows * 8 K bytes of host memory,
 i.e. O(N (d + 2 w K) / world). Ids are int32 (N < 2^31).
 
@@ -80,36 +80,57 @@ class NeighbourCache:
         self.rank, self.world, self.device = rank, world, torch.device(device)
         self.owned = torch.arange(rank, n, world)  # (rows,) global ids of this shard, CPU
         rows = self.owned.numel()
-        self.z = torch.zeros(rows, dim, device=self.device)
-        self.bias = torch.full((rows,), float("-inf"), device=self.device)  # 0 once the row is written
-        self.current_ids = torch.full((rows, top_k), -1, dtype=torch.int32, device=self.device)
-        self.current_sims = torch.zeros(rows, top_k, device=self.device)
+        # Device buffers have one extra scratch row (index `rows`) that absorbs the writes of anchors
+        # owned by other ranks: a scatter to a fixed place instead of a boolean selection, whose
+        # nonzero() would be a host sync in every step. Its bias stays -inf (never a candidate).
+        self._z = torch.zeros(rows + 1, dim, device=self.device)
+        self._bias = torch.full((rows + 1,), float("-inf"), device=self.device)  # 0 once the row is written
+        self._current_ids = torch.full((rows + 1, top_k), -1, dtype=torch.int32, device=self.device)
+        self._current_sims = torch.zeros(rows + 1, top_k, device=self.device)
         self.window_ids = torch.full((window, rows, top_k), -1, dtype=torch.int32)
         self.window_sims = torch.zeros(window, rows, top_k)
+        self.newest = window - 1  # ring index of the newest slot: end_epoch overwrites the oldest in place
         self.epochs_done = 0
 
     @property
     def rows(self) -> int:
         return self.owned.numel()
 
+    # Views of the shard's rows (without the scratch row); writes through them land in the buffers.
+    @property
+    def z(self) -> Tensor:
+        return self._z[: self.rows]
+
+    @property
+    def bias(self) -> Tensor:
+        return self._bias[: self.rows]
+
+    @property
+    def current_ids(self) -> Tensor:
+        return self._current_ids[: self.rows]
+
+    @property
+    def current_sims(self) -> Tensor:
+        return self._current_sims[: self.rows]
+
     @torch.no_grad()
     def observe(self, ids: Tensor, z: Tensor) -> None:
         """ids [B] int64 and anchor representations z [B, d] of this rank's batch (any device)."""
-        ids = ids.to(self.device, torch.long)
+        ids = ids.to(self.device, torch.long, non_blocking=True)  # the loader pins it on GPU runs
         z = F.normalize(z.detach().to(self.device, torch.float32), dim=1)
         ids, z = _all_gather(ids, self.world), _all_gather(z, self.world)  # (n,), (n, d)
         top_sims, top_ids = self._query(z)
         mine = ids % self.world == self.rank
-        local = ids[mine] // self.world
-        self.current_ids[local] = top_ids[mine].to(torch.int32)
-        self.current_sims[local] = top_sims[mine]
-        self.z[local] = z[mine]
-        self.bias[local] = 0.0
+        local = torch.where(mine, ids // self.world, self.rows)  # other ranks' anchors -> scratch row
+        self._current_ids[local] = top_ids.to(torch.int32)
+        self._current_sims[local] = top_sims
+        self._z[local] = z
+        self._bias[local] = torch.where(mine, 0.0, float("-inf"))
 
     def _query(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Global top-K (sims [n, K], ids [n, K] int64, -1 / 0 padding) of z [n, d] against Z."""
-        k = min(self.top_k, self.rows)
-        sims = torch.addmm(self.bias, z, self.z.T)  # (n, rows); unwritten rows -> -inf
+        k = min(self.top_k, self.rows + 1)
+        sims = torch.addmm(self._bias, z, self._z.T)  # (n, rows + 1); unwritten / scratch rows -> -inf
         vals, idx = sims.topk(k, dim=1)
         gids = idx * self.world + self.rank
         if _distributed(self.world):  # merge the shards' lists: (n, world * k) -> top-K
@@ -124,12 +145,17 @@ class NeighbourCache:
         missing = torch.isinf(vals)
         return vals.masked_fill(missing, 0.0), gids.masked_fill(missing, -1)
 
+    def slot_order(self) -> list[int]:
+        """Ring indices of the window slots, oldest first."""
+        return [(self.newest + 1 + s) % self.window for s in range(self.window)]
+
     def end_epoch(self) -> None:
         """The current supports become the newest window slot (the oldest is dropped)."""
-        self.window_ids = torch.cat([self.window_ids[1:], self.current_ids.cpu()[None]])
-        self.window_sims = torch.cat([self.window_sims[1:], self.current_sims.cpu()[None]])
-        self.current_ids.fill_(-1)
-        self.current_sims.zero_()
+        self.newest = (self.newest + 1) % self.window
+        self.window_ids[self.newest].copy_(self.current_ids)  # in place: no second copy of a window
+        self.window_sims[self.newest].copy_(self.current_sims)  # that may hold gigabytes
+        self._current_ids.fill_(-1)
+        self._current_sims.zero_()
         self.epochs_done += 1
 
     # -- checkpoints: full (unsharded, id-ordered) tensors, so a run resumes on any world size --
@@ -138,7 +164,7 @@ class NeighbourCache:
         """Full state on rank 0 (None on the other ranks); every rank must call it."""
         full = {name: self._gather_full(getattr(self, name)) for name in ("z", "current_ids", "current_sims")}
         for name in ("window_ids", "window_sims"):  # slot by slot: bounded device memory under NCCL
-            slots = [self._gather_full(slot) for slot in getattr(self, name)]
+            slots = [self._gather_full(getattr(self, name)[s]) for s in self.slot_order()]
             full[name] = torch.stack(slots) if self.rank == 0 else None
         if self.rank != 0:
             return None
@@ -154,12 +180,13 @@ class NeighbourCache:
                 raise ValueError(f"bootstrap state '{key}' has shape {tuple(state[key].shape)}, "
                                  f"this run expects {shape} (images, dim, window or top_k changed?)")
         own = self.owned
-        self.z = state["z"][own].to(self.device, torch.float32)
-        self.bias = torch.where(self.z.abs().sum(1) > 0, 0.0, float("-inf")).to(self.device)
-        self.current_ids = state["current_ids"][own].to(self.device, torch.int32)
-        self.current_sims = state["current_sims"][own].to(self.device, torch.float32)
+        self.z.copy_(state["z"][own])
+        self.bias.copy_(torch.where(state["z"][own].abs().sum(1) > 0, 0.0, float("-inf")))
+        self.current_ids.copy_(state["current_ids"][own])
+        self.current_sims.copy_(state["current_sims"][own])
         self.window_ids = state["window_ids"][:, own].to(torch.int32).clone()
         self.window_sims = state["window_sims"][:, own].float().clone()
+        self.newest = self.window - 1  # the state is oldest first
         self.epochs_done = int(state["epochs_done"][0])
 
     def _gather_full(self, shard: Tensor) -> Tensor | None:

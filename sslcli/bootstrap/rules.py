@@ -23,7 +23,7 @@ CHUNK = 65536  # anchors per vectorised block (bounds the [chunk, w*K] sort's me
 class PlanInput:
     cfg: BootstrapConfig
     anchors: Tensor  # (R,) int64 ids of the shard's anchors
-    window_ids: Tensor  # (w, R, K) int32, oldest slot first, -1 = absent
+    window_ids: Tensor  # (w, R, K) int32, slots in any order (m_win sums them), -1 = absent
     window_sims: Tensor  # (w, R, K) float32
     epochs_done: int  # completed epochs (window slots that hold real supports)
     epoch: int  # the epoch being planned (0-based)
@@ -31,6 +31,7 @@ class PlanInput:
     uniforms: Tensor  # (2, R) float in [0, 1)
     labels: Tensor | None  # (N,) int64 class ids of all images (-1 unlabeled)
     device: torch.device  # where to compute
+    newest: int = -1  # index of the latest epoch's slot in window_ids (a ring)
 
 
 def plan_none(inp: PlanInput) -> Tensor:
@@ -42,7 +43,7 @@ def plan_nn(inp: PlanInput) -> Tensor:
     epoch's support, always."""
     if inp.epochs_done < 1:
         return inp.anchors.clone()
-    ids = inp.window_ids[-1].long()  # (R, K), decreasing similarity
+    ids = inp.window_ids[inp.newest].long()  # (R, K), decreasing similarity
     other = (ids != inp.anchors[:, None]) & (ids >= 0)
     first = other.int().argmax(1)  # first True (0 when none)
     nearest = ids.gather(1, first[:, None]).squeeze(1)
