@@ -94,3 +94,17 @@ def test_resume_with_adasim_active_is_exact(tiny_config, tmp_path):
     assert records(tmp_path / "cut", "bootstrap_ratio") == records(tmp_path / "full", "bootstrap_ratio")
     full, cut = bootstrap_state(tmp_path / "full"), bootstrap_state(tmp_path / "cut")
     assert all(torch.equal(full[k], cut[k]) for k in full)
+
+
+def test_bootstrapping_needs_no_change_for_simsiam(tiny_config, tmp_path):
+    """The same bootstrap code drives SimSiam: its anchor is the encoder's pooled feature."""
+    cfg = tiny_config("train.epochs=2", "method.name=simsiam", "method.out_dim=32", "method.hidden_dim=32",
+                      "method.pred_dim=8", "data.local_crops=0", "optim.name=sgd", "optim.lr=0.05",
+                      "optim.warmup_epochs=0", "bootstrap.name=nn", "bootstrap.top_k=3")
+    pretrain(cfg, RunOptions(out=tmp_path / "simsiam", device="cpu"))
+    ratios = [r["bootstrap_ratio"] for r in records(tmp_path / "simsiam", "bootstrap_ratio")]
+    # epoch 2 pairs every image with its epoch-1 nearest neighbour, except the 16 of epoch 1's first
+    # batch: they queried an empty cache and have no neighbour yet
+    assert ratios == [0.0, pytest.approx(100 * 32 / 48)]
+    state = bootstrap_state(tmp_path / "simsiam")
+    assert state["z"].shape == (48, 32)  # the tiny ViT's embed_dim, not the projector's width
