@@ -104,10 +104,9 @@ def _build(cfg: Config, opts: RunOptions, env: DistEnv):
     method = build_method(cfg.model, cfg.method, cfg.train.epochs, sampler.steps_per_epoch).to(env.device)
     torch.manual_seed(cfg.train.seed + 1 + env.rank)  # then one random stream per rank (drop-path)
     if env.world > 1:
-        if env.device.type == "cuda":
-            method.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method.student)
-            if hasattr(method, "teacher"):  # SimSiam has none
-                method.teacher = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method.teacher)
+        if env.device.type == "cuda":  # SyncBN in every network the method owns (gloo has no SyncBN)
+            for name, network in list(method.named_children()):
+                setattr(method, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(network))
         ids = [env.device.index] if env.device.type == "cuda" else None
         method.distribute(lambda m: DistributedDataParallel(m, device_ids=ids))
     if cfg.train.compile:
