@@ -163,3 +163,18 @@ def test_epoch_metrics_nn_acc():
     record = boot.end_epoch()
     assert record["nn_acc"] == 100.0 and record["nn2_acc"] == 100.0
     assert record["bootstrap_ratio"] == 0.0
+
+
+def test_query_in_blocks_equals_one_block(monkeypatch):
+    from sslcli.bootstrap import cache as cache_module
+
+    z_old, z_new = unit(50, 8, 0), unit(20, 8, 1)
+    results = []
+    for block in (2**26, 7 * 51):  # everything at once, then blocks of 7 queries
+        monkeypatch.setattr(cache_module, "SIM_BLOCK", block)
+        cache = NeighbourCache(50, 8, top_k=4, window=1)
+        cache.observe(torch.arange(50), z_old)
+        cache.observe(torch.arange(20), z_new)
+        results.append((cache.current_ids.clone(), cache.current_sims.clone()))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)

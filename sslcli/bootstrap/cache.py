@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+SIM_BLOCK = 2**26  # elements of one block of query x cache similarities (256 MB in fp32)
+
+
 def _distributed(world: int) -> bool:
     return world > 1 and dist.is_available() and dist.is_initialized()
 
@@ -130,8 +133,12 @@ class NeighbourCache:
     def _query(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Global top-K (sims [n, K], ids [n, K] int64, -1 / 0 padding) of z [n, d] against Z."""
         k = min(self.top_k, self.rows + 1)
-        sims = torch.addmm(self._bias, z, self._z.T)  # (n, rows + 1); unwritten / scratch rows -> -inf
-        vals, idx = sims.topk(k, dim=1)
+        # Queries in blocks so that the similarity matrix stays under SIM_BLOCK elements (ImageNet on
+        # one GPU with batch 1024 would otherwise allocate 5 GB per step).
+        block = max(1, SIM_BLOCK // (self.rows + 1))
+        top = [torch.addmm(self._bias, q, self._z.T).topk(k, dim=1)  # (b, rows + 1): unwritten / scratch -> -inf
+               for q in z.split(block)]
+        vals, idx = torch.cat([t.values for t in top]), torch.cat([t.indices for t in top])  # (n, k)
         gids = idx * self.world + self.rank
         if _distributed(self.world):  # merge the shards' lists: (n, world * k) -> top-K
             vals = torch.cat(_all_gather(vals[None], self.world).unbind(0), dim=1)
