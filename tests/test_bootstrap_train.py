@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -108,3 +109,16 @@ def test_bootstrapping_needs_no_change_for_simsiam(tiny_config, tmp_path):
     assert ratios == [0.0, pytest.approx(100 * 32 / 48)]
     state = bootstrap_state(tmp_path / "simsiam")
     assert state["z"].shape == (48, 32)  # the tiny ViT's embed_dim, not the projector's width
+
+
+def test_unreadable_neighbour_gives_a_standard_pair(tiny_config, tmp_path):
+    cfg = tiny_config()
+    folder = tmp_path / "data"
+    shutil.copytree(cfg.data.path, folder)
+    dataset = open_dataset(str(folder))
+    broken = folder / dataset.paths[30]
+    broken.write_bytes(b"not an image")
+    trainset = TrainSet(dataset, MultiCropTransform(cfg.data), base_seed=0)
+    plain, swapped = trainset[(1, 4)], trainset[(1, 4, 30)]
+    assert (swapped["second"], swapped["bad"]) == (4, 1)
+    assert all(torch.equal(a, b) for a, b in zip(plain["crops"], swapped["crops"]))

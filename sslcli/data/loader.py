@@ -63,13 +63,9 @@ class TrainSet(Dataset):
         n = len(self.dataset)
         for bad in range(min(MAX_CONSECUTIVE_BAD, n)):
             j = (index + bad) % n
-            try:
-                return self.dataset.load(j), j, bad
-            except Exception as e:  # PIL raises many types on corrupt files
-                if j not in self._warned:
-                    self._warned.add(j)
-                    logger.warning("skipping unreadable image %d (%s): %s: %s", j,
-                                   self.dataset.paths[j], type(e).__name__, e)
+            img = self._try_load(j)
+            if img is not None:
+                return img, j, bad
         raise DataError(f"{min(MAX_CONSECUTIVE_BAD, n)} consecutive unreadable images from id "
                         f"{index} in '{self.dataset.name}' (e.g. {self.dataset.paths[index]})")
 
@@ -84,24 +80,24 @@ class TrainSet(Dataset):
             random.setstate(py_state)
             torch.default_generator.set_state(torch_state)
 
-    def _load_second(self, j: int):
-        """(image j or None when unreadable, 1 if it was unreadable)."""
+    def _try_load(self, j: int):
+        """Image j, or None when it cannot be read (warned once per file and process)."""
         try:
-            return self.dataset.load(j), 0
-        except Exception as e:
+            return self.dataset.load(j)
+        except Exception as e:  # PIL raises many types on corrupt files
             if j not in self._warned:
                 self._warned.add(j)
                 logger.warning("skipping unreadable image %d (%s): %s: %s", j, self.dataset.paths[j],
                                type(e).__name__, e)
-            return None, 1
+            return None
 
     def __getitem__(self, key: tuple[int, ...]) -> dict:
         epoch, index = int(key[0]), int(key[1])
         img, used, bad = self._load_first_good(index)
         second, j = None, used
         if len(key) > 2 and int(key[2]) != index and used == index:
-            second, bad_second = self._load_second(int(key[2]))
-            j, bad = (int(key[2]), bad) if second is not None else (used, bad + bad_second)
+            second = self._try_load(int(key[2]))
+            j, bad = (int(key[2]), bad) if second is not None else (used, bad + 1)
         crops = self._augment(img, second, sample_seed(self.base_seed, epoch, index))
         return {"crops": crops, "index": used, "label": int(self.dataset.labels[used]), "second": j,
                 "bad": bad}
