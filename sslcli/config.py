@@ -12,10 +12,6 @@ Code below the CLI receives its own sub-config (`ModelConfig`, `DataConfig`, ...
 from __future__ import annotations
 
 import copy
-import dataclasses
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -24,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from sslcli.errors import ConfigError, hint
+from sslcli.typed import from_dict, to_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,15 +43,22 @@ class ModelConfig:
     arch: str = "vit_small_patch16_224"
     drop_path_rate: float = 0.1
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # ViT position embeddings for crops of another size: `dino` resamples bicubic without
+    # antialiasing with DINO's scale factor (w0 + 0.1) / sqrt(N); `antialias` the same with
+    # antialiasing (the DINOv2 family).
+    pos_embed_resample: Literal["dino", "antialias"] = "dino"
+    # ViT cls_token / pos_embed init: `dino` trunc-normal std 0.02 (DINO); `timm` keeps timm's
+    # (cls_token std 1e-6).
+    vit_token_init: Literal["dino", "timm"] = "dino"
 
 
 @dataclass
-class MethodConfig:
-    """Self-distillation method and its head. Field use per method is in each method's docstring."""
+class DINOConfig:
+    """DINO / DINO-2 (sslcli.methods.dino): head, temperatures, centre and teacher momentum."""
 
-    name: Literal["dino", "simsiam"] = "dino"
-    out_dim: int = 65536  # DINO: K, number of prototypes; SimSiam: projector output width
-    hidden_dim: int = 2048  # head / projector hidden width
+    name: Literal["dino"] = "dino"
+    out_dim: int = 65536  # K, number of prototypes
+    hidden_dim: int = 2048  # head hidden width
     bottleneck_dim: int = 256
     head_layers: int = 3
     use_bn_in_head: bool = False
@@ -67,8 +71,22 @@ class MethodConfig:
     momentum_teacher: float = 0.996  # cosine from this to momentum_teacher_end, per iteration
     momentum_teacher_end: float = 1.0
     freeze_last_layer: int = 1  # epochs during which the head's last layer is not updated
-    pred_dim: int = 512  # SimSiam: predictor bottleneck width
-    fix_pred_lr: bool = True  # SimSiam: the predictor keeps the base lr (no cosine decay)
+
+
+@dataclass
+class SimSiamConfig:
+    """SimSiam (sslcli.methods.simsiam): projector and predictor widths, fixed predictor lr."""
+
+    name: Literal["simsiam"] = "simsiam"
+    out_dim: int = 2048  # projector output width
+    hidden_dim: int = 2048  # projector hidden width
+    pred_dim: int = 512  # predictor bottleneck width
+    fix_pred_lr: bool = True  # the predictor keeps the base lr (no cosine decay)
+
+
+# The `method:` section is one of these, selected by its `name` (the whole wiring: a literal dict).
+METHOD_CONFIGS: dict[str, type] = {"dino": DINOConfig, "simsiam": SimSiamConfig}
+MethodConfig = DINOConfig | SimSiamConfig
 
 
 @dataclass
@@ -96,6 +114,7 @@ class DataConfig:
     local_crops: int = 8
     local_crop_size: int = 96
     local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # RandomResizedCrop: DINO bicubic, SimSiam bilinear
     color_jitter_prob: float = 0.8
     color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
     grayscale_prob: float = 0.2
@@ -119,7 +138,12 @@ class OptimConfig:
     weight_decay_end: float = 0.4
     momentum: float = 0.9  # sgd / lars
     betas: tuple[float, float] = (0.9, 0.999)
-    clip_grad: float = 3.0  # per-parameter-tensor norm clip; 0 disables
+    clip_grad: float = 3.0  # gradient norm clip; 0 disables
+    # per_param: each parameter tensor clipped on its own (DINO); global: one norm per top-level
+    # student module (backbone, head), as DINOv2.
+    clip_mode: Literal["per_param", "global"] = "per_param"
+    layer_decay: float = 1.0  # layer-wise lr decay: lr x layer_decay^(L + 1 - layer id); 1 = off
+    patch_embed_lr_mult: float = 1.0  # extra lr multiplier of the patch embedding (DINOv2: 0.2)
     schedule_unit: Literal["step", "epoch"] = "step"  # lr / wd cosine per iteration (DINO) or per epoch (SimSiam)
     decay_norm_and_bias: bool = False  # weight decay on biases and 1-D params too (SimSiam)
 
@@ -156,98 +180,12 @@ class Config:
     notes: str = ""
     source: SourceConfig = field(default_factory=SourceConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodConfig = field(default_factory=DINOConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
-
-
-# ----------------------------------------------------------------------------- dict -> dataclass
-
-
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; return it converted (e.g. list -> tuple)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0]
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, args))}, got "
-                              f"{value!r}{hint(str(value), map(str, args))}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"config key '{key}' must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
-        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-        return float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
-    if tp is bool and isinstance(value, bool):
-        return value
-    if tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):
-        return value
-    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
-
-
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict; unknown keys and bad types raise ConfigError."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or 'root'}' must be a mapping")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if key not in hints:
-            valid = [f"{prefix}{n}" for n in names]
-            raise ConfigError(f"unknown config key '{dotted}'{hint(dotted, valid)}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value, f"{dotted}.")
-        else:
-            kwargs[key] = _coerce(value, tp, dotted)
-    return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict (tuples as lists) suitable for YAML/JSON."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return v
-
-    return plain(dataclasses.asdict(cfg))
 
 
 def to_yaml(cfg: Config) -> str:
@@ -297,14 +235,27 @@ def _preset_path(name_or_file: str) -> Path:
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """`over` merged into a copy of `base`; nested mappings merge, everything else replaces."""
+    """`over` merged into a copy of `base`; nested mappings merge, everything else replaces.
+
+    A layer that names another method (`method.name`) replaces the whole `method:` section:
+    one method's keys mean nothing to another (`--set method.name=simsiam` on a DINO preset).
+    """
     out = copy.deepcopy(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if key == "method" and _switches_method(out.get(key), value):
+            out[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def _switches_method(base: Any, over: Any) -> bool:
+    if not isinstance(over, dict) or "name" not in over:
+        return False
+    current = base.get("name", "dino") if isinstance(base, dict) else "dino"
+    return over["name"] != current
 
 
 def load_preset_dict(name_or_file: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -366,27 +317,35 @@ def load_config(preset: str | None = None, config_file: str | None = None,
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that types alone cannot express."""
+    """Cross-field checks that types alone cannot express (then the method's own, `_method_checks`)."""
     checks = [
         (cfg.data.global_crops == 2, "data.global_crops must be 2 (the teacher sees two global views)"),
         (cfg.data.local_crops >= 0, "data.local_crops must be >= 0"),
         (cfg.optim.batch_size > 0, "optim.batch_size must be positive"),
+        (cfg.optim.layer_decay > 0, "optim.layer_decay must be positive (1 = off)"),
         (cfg.train.epochs > 0, "train.epochs must be positive"),
         (cfg.train.log_every > 0, "train.log_every must be positive"),
         (cfg.train.checkpoint_every > 0, "train.checkpoint_every must be positive"),
         (cfg.train.workers >= 0, "train.workers must be >= 0"),
-        (cfg.method.out_dim > 0, "method.out_dim must be positive"),
-        (cfg.method.warmup_teacher_temp_epochs <= cfg.train.epochs,
-         "method.warmup_teacher_temp_epochs must not exceed train.epochs"),
         (cfg.monitor.knn_every >= 0, "monitor.knn_every must be >= 0"),
-        (0 <= cfg.method.center_momentum <= 1, "method.center_momentum must be in [0, 1]"),
         (all(0 < s <= 1 for s in cfg.data.global_crops_scale + cfg.data.local_crops_scale),
          "crop scales must lie in (0, 1]"),
         (cfg.bootstrap.tau >= 0, "bootstrap.tau must be >= 0"),
         (cfg.bootstrap.window >= 1, "bootstrap.window must be >= 1"),
         (cfg.bootstrap.top_k >= 2, "bootstrap.top_k must be >= 2 (self and at least one neighbour)"),
         (0 <= cfg.bootstrap.p <= 1, "bootstrap.p must be in [0, 1]"),
-    ]
+    ] + _method_checks(cfg)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def _method_checks(cfg: Config) -> list[tuple[bool, str]]:
+    m = cfg.method
+    if isinstance(m, SimSiamConfig):
+        return [(cfg.data.local_crops == 0, "method simsiam takes exactly 2 views per image: set data.local_crops=0"),
+                (m.out_dim > 0 and m.hidden_dim > 0 and m.pred_dim > 0, "method widths must be positive")]
+    return [(m.out_dim > 0, "method.out_dim must be positive"),
+            (m.warmup_teacher_temp_epochs <= cfg.train.epochs,
+             "method.warmup_teacher_temp_epochs must not exceed train.epochs"),
+            (0 <= m.center_momentum <= 1, "method.center_momentum must be in [0, 1]")]

@@ -17,11 +17,6 @@ def entropy(probs: Tensor) -> Tensor:
     return -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
 
 
-def kl_divergence(target: Tensor, log_probs: Tensor) -> Tensor:
-    """Mean KL(target || exp(log_probs)) (nats) over rows [B, K]."""
-    return (target * (torch.log(target.clamp_min(1e-12)) - log_probs)).sum(-1).mean()
-
-
 def embedding_std(z: Tensor) -> Tensor:
     """Mean over dimensions of the batch std of L2-normalised embeddings [B, d]."""
     z = torch.nn.functional.normalize(z.float(), dim=-1)

@@ -3,7 +3,7 @@
 --format timm: the backbone's timm state dict (no head, no optimizer), loadable with
     timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=FILE), num_classes=0,
                       **timm_kwargs)
-  or plain `load_state_dict`. The safetensors header holds (JSON strings): format, arch,
+  or plain `load_state_dict`. The safetensors header holds (JSON strings): format, format_version, arch,
   timm_kwargs (the create_model keyword arguments that rebuild the exact architecture, e.g. the
   demo's patch size and depth), image_size, mean, std, preset, epoch, which, reported. These files
   are valid `--weights` for every eval.
@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from sslcli.errors import UsageError
-from sslcli.eval.weights import EXPORT_FORMAT, load_backbone
-from sslcli.train.checkpoint import atomic_save
+from sslcli.eval.weights import load_backbone
+from sslcli.runfiles import EXPORT_FORMAT, FORMAT_VERSION, atomic_save
 
 FORMATS = ("timm", "torchscript")
 
@@ -42,7 +42,7 @@ def export_backbone(weights: str | Path, out: Path, fmt: str = "timm", which: st
     if fmt not in FORMATS:
         raise UsageError(f"--format must be timm or torchscript, got '{fmt}'")
     backbone, info = load_backbone(weights, which)
-    header = {"format": EXPORT_FORMAT, "arch": info.arch, "timm_kwargs": json.dumps(info.kwargs),
+    header = {"format": EXPORT_FORMAT, "format_version": str(FORMAT_VERSION), "arch": info.arch, "timm_kwargs": json.dumps(info.kwargs),
               "image_size": str(info.image_size), "mean": json.dumps(list(info.mean)),
               "std": json.dumps(list(info.std)), "preset": info.preset, "which": which,
               "epoch": "" if info.epoch is None else str(info.epoch), "reported": json.dumps(info.reported)}

@@ -1,4 +1,4 @@
-"""The AdaSim neighbour audit behind `ssl neighbors` (spec: methods.md "Neighbour bootstrapping").
+"""The AdaSim neighbour audit behind `ssl neighbors` (docs/methods.md, "Neighbour bootstrapping").
 
 A training checkpoint of a run with bootstrapping holds the window of the last w epochs' top-K
 neighbour lists (`extra/bootstrap.window_ids` int32 [w, N, K], -1 = absent, oldest slot first;
@@ -29,16 +29,15 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from safetensors import safe_open
 from torch import Tensor
 
 from sslcli.bootstrap.adasim import window_candidates, window_probabilities
-from sslcli.config import Config, from_dict
+from sslcli.config import Config
 from sslcli.data.datasets import ImageDataset, open_dataset
-from sslcli.errors import CheckpointError, ConfigError, DataError, UsageError, hint
-from sslcli.eval.weights import TRAIN_FORMAT, read_metadata, resolve_weights_file
+from sslcli.errors import CheckpointError, DataError, UsageError, hint
+from sslcli.runfiles import last_checkpoint, read_checkpoint_header, resolve_weights_file, run_dir_of
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +54,10 @@ CHUNK_ELEMENTS = 1 << 22  # window entries (w * K per image) per scan block: ~50
 
 def latest_run(root: Path = Path("runs")) -> Path:
     """The run directory under `root` whose checkpoints/last.safetensors is the newest (by mtime)."""
-    runs = [d for d in root.iterdir() if (d / "checkpoints" / "last.safetensors").is_file()] if root.is_dir() else []
+    runs = [d for d in root.iterdir() if last_checkpoint(d).is_file()] if root.is_dir() else []
     if not runs:
         raise UsageError(f"no run with checkpoints/last.safetensors under '{root}/': pass --weights RUN_DIR")
-    return max(runs, key=lambda d: (d / "checkpoints" / "last.safetensors").stat().st_mtime_ns)
+    return max(runs, key=lambda d: last_checkpoint(d).stat().st_mtime_ns)
 
 
 @dataclass
@@ -98,14 +97,7 @@ def open_window(weights: str | Path | None) -> BootstrapWindow:
     UsageError (exit 2): no completed epoch yet.
     """
     path = resolve_weights_file(latest_run() if weights is None else weights)
-    meta = read_metadata(path)
-    if meta.get("format") != TRAIN_FORMAT:
-        raise CheckpointError(f"'{path}' is not a training checkpoint (format {meta.get('format')!r}): "
-                              "give a run directory or one of its checkpoints/*.safetensors")
-    try:
-        cfg = from_dict(Config, yaml.safe_load(meta["config"]))
-    except (KeyError, ConfigError, yaml.YAMLError) as e:
-        raise CheckpointError(f"checkpoint '{path}' has an unreadable config ({e})") from None
+    cfg = read_checkpoint_header(path).config
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
         if not {IDS, SIMS, EPOCHS} <= keys:
@@ -126,7 +118,7 @@ def open_images(window: BootstrapWindow, data: str | Path | None = None) -> Imag
     spec = str(data) if data is not None else window.cfg.data.path
     if spec is None:
         raise UsageError(f"the run of '{window.path}' names no data.path: pass --data PATH")
-    run_dir = window.path.parent.parent if window.path.parent.name == "checkpoints" else None
+    run_dir = run_dir_of(window.path)
     try:
         ds = open_dataset(spec, cache_dir=run_dir)  # reuses the folder index that pretrain cached there
     except DataError as e:

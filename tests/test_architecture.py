@@ -1,4 +1,4 @@
-"""The house rules of DESIGN.md that a test can check: imports point down, no UI below cli/."""
+"""The house rules a test can check: imports point down (README "Layout"), no UI below cli/."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ PACKAGE = Path(sslcli.__file__).parent
 
 # Lower number = lower layer. A module may import its own layer or any lower one.
 LAYERS = {
-    "errors": 0, "config": 0, "schedules": 0, "diagnostics": 0,
+    "errors": 0, "typed": 0, "config": 0, "runfiles": 0, "schedules": 0, "diagnostics": 0, "device": 0,
     "data": 1, "models": 1, "losses": 1,
     "methods": 2, "bootstrap": 2,
-    "eval": 3,
-    "train": 4, "export": 4, "neighbors": 4,
+    "eval": 3, "train": 3,  # siblings: neither imports the other (test below)
+    "export": 4, "neighbors": 4,
     "cli": 5, "__main__": 6,
 }
 
@@ -64,11 +64,31 @@ def test_imports_point_down():
     assert not violations, violations
 
 
+def imports_from(package: str, forbidden: tuple[str, ...]) -> list[str]:
+    return [f"{name} imports {t}" for name, path in modules() if name.startswith(package)
+            for t in imports(path) if t.startswith(forbidden)]
+
+
 def test_eval_never_imports_methods_or_train():
+    assert not imports_from("sslcli.eval", ("sslcli.methods", "sslcli.train"))
+
+
+def test_train_never_imports_eval():
+    """The online k-NN monitor is handed to the trainer (pretrain(make_monitor=...)), not imported."""
+    assert not imports_from("sslcli.train", ("sslcli.eval",))
+
+
+def test_bootstrapping_never_knows_the_method():
+    assert not imports_from("sslcli.bootstrap", ("sslcli.methods", "sslcli.train"))
+
+
+def test_on_disk_formats_have_one_owner():
+    """Only sslcli.runfiles opens safetensors files for writing or names a format string."""
     for name, path in modules():
-        if name.startswith("sslcli.eval"):
-            bad = [t for t in imports(path) if t.startswith(("sslcli.methods", "sslcli.train"))]
-            assert not bad, f"{name} imports {bad}"
+        if name != "sslcli.runfiles":
+            text = path.read_text()
+            for marker in ("save_file(", '"sslcli-train', '"sslcli-export'):
+                assert marker not in text, f"{name} uses {marker}: go through sslcli.runfiles"
 
 
 def test_no_typer_or_rich_below_cli():

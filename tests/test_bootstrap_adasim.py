@@ -1,4 +1,4 @@
-"""AdaSim window distribution (methods.md "Neighbour bootstrapping") on hand-made windows."""
+"""AdaSim window distribution (docs/methods.md "Neighbour bootstrapping") on hand-made windows."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Neighbour cache and decision rules (methods.md "Neighbour bootstrapping") on hand-made inputs."""
+"""Neighbour cache and decision rules (docs/methods.md "Neighbour bootstrapping") on hand-made inputs."""
 
 from __future__ import annotations
 

@@ -100,6 +100,16 @@ def test_presets_list_json_and_show_round_trip(tmp_path):
     assert table.exit_code == 0 and "dino-vits16" in table.stdout
 
 
+def test_help_names_only_methods_that_exist():
+    result = run("--help")
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())
+    for method in ("DINO", "DINO-2", "SimSiam", "NN", "AdaSim", "oracle"):
+        assert method in text, method
+    for missing in ("SimDINO", "SOVE"):
+        assert missing not in text, missing
+
+
 def test_python_dash_m_is_the_same_app():
     out = subprocess.run([sys.executable, "-m", "sslcli", "presets", "list", "--json"], capture_output=True,
                          text=True, check=True)

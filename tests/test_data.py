@@ -19,7 +19,7 @@ from sslcli.data import folder as folder_mod
 from sslcli.data.builtin import make_shapes
 from sslcli.data.datasets import ImageDataset, open_dataset
 from sslcli.data.folder import scan_image_folder
-from sslcli.data.loader import (EpochBatchSampler, TrainSet, build_train_loader, collate_crops,
+from sslcli.data.loader import (EpochBatchSampler, TrainSet, build_train_loader, collate_views,
                                 sample_seed)
 from sslcli.data.transforms import MultiCropTransform, eval_transform
 from sslcli.errors import DataError
@@ -235,13 +235,17 @@ def test_loader_identical_across_worker_counts():
     runs = [_two_epochs_with_resume(workers) for workers in (0, 2)]
     assert len(runs[0]) == len(runs[1]) == 4 + 2
     for b0, b1 in zip(*runs):
-        assert torch.equal(b0["index"], b1["index"]) and torch.equal(b0["label"], b1["label"])
-        assert all(torch.equal(x, y) for x, y in zip(b0["crops"], b1["crops"]))
+        assert torch.equal(b0.ids, b1.ids) and torch.equal(b0.labels, b1.labels)
+        assert torch.equal(b0.seeds, b1.seeds)
+        assert all(torch.equal(x, y) for x, y in zip(b0.views, b1.views))
     expected = [[i for _, i in b] for b in EpochBatchSampler(32, 8, 0, 1, seed=5, start_epoch=1)]
-    assert [b["index"].tolist() for b in runs[0][4:]] == expected[2:]
+    assert [b.ids.tolist() for b in runs[0][4:]] == expected[2:]
     first = runs[0][0]
-    assert [tuple(c.shape) for c in first["crops"]] == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)] * 2
-    assert first["bad"].shape == () and int(first["bad"]) == 0
+    assert [tuple(c.shape) for c in first.global_views] == [(8, 3, 32, 32)] * 2
+    assert [tuple(c.shape) for c in first.local_views] == [(8, 3, 16, 16)] * 2
+    assert first.bad.shape == () and int(first.bad) == 0 and first.masks is None
+    assert first.seeds.tolist() == [sample_seed(5, 0, i) for i in first.ids.tolist()]
+    assert torch.equal(first.second_ids, first.ids)  # no bootstrapping: view 2 is of the same image
 
 
 def test_corrupt_file_replaced_and_counted(tmp_path: Path, caplog):
@@ -258,8 +262,8 @@ def test_corrupt_file_replaced_and_counted(tmp_path: Path, caplog):
         s1, s2 = ts[(0, bad_id)], ts[(1, bad_id)]
     assert s1["index"] == bad_id + 1 and s1["bad"] == 1 and s2["bad"] == 1
     assert sum("1a.jpg" in r.getMessage() for r in caplog.records) == 1  # warned once
-    batch = collate_crops([ts[(0, 0)], s1])
-    assert int(batch["bad"]) == 1 and batch["index"].tolist() == [0, bad_id + 1]
+    batch = collate_views([ts[(0, 0)], s1])
+    assert int(batch.bad) == 1 and batch.ids.tolist() == [0, bad_id + 1]
 
 
 def test_all_files_corrupt_gives_data_error(tmp_path: Path):

@@ -5,12 +5,21 @@ import torch
 
 from sslcli.errors import TrainingError
 
+from sslcli.config import DINOConfig, ModelConfig
 from sslcli.methods.base import StepOutput
-from sslcli.train.engine import DivergenceGuard, health_warnings
+from sslcli.methods.dino import DINO
+from sslcli.train.engine import DivergenceGuard
 
 
-def test_health_warnings_flag_both_collapse_modes():
+def test_dino_health_flags_both_collapse_modes():
+    """DINO's own collapse checks (thresholds live with the method, not the engine)."""
     k, d = 1000, 384
+    model = ModelConfig(drop_path_rate=0.0, kwargs=dict(img_size=16, patch_size=8, embed_dim=d, depth=1, num_heads=6))
+    method = DINO(model, DINOConfig(out_dim=k, hidden_dim=16, bottleneck_dim=8), epochs=1, steps_per_epoch=1)
+
+    def health_warnings(record, k, d):
+        return method.health(record)
+
     healthy = {"teacher_entropy": 3.0, "teacher_marginal_entropy": 6.0, "kl": 0.5, "embed_std": 1 / math.sqrt(d)}
     assert health_warnings(healthy, k, d) == []
     sharp = {"teacher_entropy": 0.01, "teacher_marginal_entropy": 4.0, "kl": 1e-4, "embed_std": 0.05}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +11,8 @@ from PIL import Image
 from sslcli.errors import DataError, UsageError
 from sslcli.eval import davis_score as ds
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE_CANDIDATES = [REPO.parent / "shared/data/davis-sample", REPO / "shared/data/davis-sample"]
-SAMPLE = Path(os.environ.get("SSLCLI_DAVIS_SAMPLE", next((p for p in SAMPLE_CANDIDATES if p.is_dir()), "")))
+# Real DAVIS-2017 masks shipped with the tests (see tests/data/davis-sample/README.md).
+SAMPLE = Path(__file__).resolve().parent / "data" / "davis-sample"
 SEQUENCES = ["car-shadow", "horsejump-high", "judo", "kite-surf", "shooting"]
 
 
@@ -260,8 +258,8 @@ def test_read_mask_errors(tmp_path):
 # ----------------------------------------------------------------------------- real DAVIS masks
 
 def needs_sample(test):
-    """The real-mask tests need ../shared/data/davis-sample (or SSLCLI_DAVIS_SAMPLE): fail loudly
-    when it is missing rather than skip (a skipped check proves nothing)."""
+    """The real-mask tests need tests/data/davis-sample: fail loudly when it is missing rather
+    than skip (a skipped check proves nothing)."""
     assert (SAMPLE / "osvos").is_dir(), f"DAVIS sample masks not found at {SAMPLE}"
     return test
 

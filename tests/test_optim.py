@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from sslcli.config import ModelConfig, OptimConfig
-from sslcli.models import create_backbone
+from sslcli.models import DINOHead, MultiCropNetwork, create_backbone
 from sslcli.schedules import cosine_schedule, teacher_temperature_schedule
-from sslcli.train.optim import build_optimizer, clip_gradients_per_param, param_groups, scaled_lr
+from sslcli.train.optim import (build_optimizer, clip_gradients, clip_gradients_per_param, layer_ids, param_groups,
+                                scaled_lr, set_lr_wd)
 
 
 def test_cosine_schedule_with_warmup():
@@ -38,7 +39,59 @@ def test_weight_decay_groups_follow_dino():
     free = {names[id(p)] for p in no_decay["params"]}
     assert "model.cls_token" in decayed and "model.pos_embed" in decayed  # decayed, as in DINO
     assert all(n.endswith(".bias") or "norm" in n for n in free)
-    assert no_decay["weight_decay"] == 0.0
+    assert no_decay["wd_mult"] == 0.0 and decay["wd_mult"] == 1.0
+    assert decay["lr_mult"] == no_decay["lr_mult"] == 1.0
+
+
+def tiny_student(depth: int = 3):
+    """backbone (ViT, `depth` blocks, with a mask token) + DINO head, as a method's student."""
+    bb = create_backbone(ModelConfig(kwargs=dict(img_size=32, patch_size=8, embed_dim=16, depth=depth, num_heads=2)),
+                         mask_token=True)
+    return MultiCropNetwork(bb, DINOHead(16, 10, hidden_dim=16, bottleneck_dim=8))
+
+
+def test_layer_ids_follow_dinov2_numbering():
+    """Patch embedding / tokens 0, block k -> k + 1, final norm and head L + 1."""
+    ids, layers = layer_ids(tiny_student(depth=3))
+    assert layers == 3
+    for name in ("backbone.mask_token", "backbone.model.cls_token", "backbone.model.pos_embed",
+                 "backbone.model.patch_embed.proj.weight"):
+        assert ids[name] == 0
+    assert ids["backbone.model.blocks.0.attn.qkv.weight"] == 1 and ids["backbone.model.blocks.2.mlp.fc2.bias"] == 3
+    assert ids["backbone.model.norm.weight"] == 4 and ids["head.last_layer.weight_v"] == 4
+
+
+def test_layer_decay_and_patch_embed_multipliers_reach_the_optimizer():
+    student = tiny_student(depth=3)
+    cfg = OptimConfig(layer_decay=0.9, patch_embed_lr_mult=0.2)
+    optimizer = build_optimizer(student, cfg, torch.device("cpu"))
+    set_lr_wd(optimizer, lr=1.0, wd=0.5)
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    named = dict(student.named_parameters())
+    assert lr_of[id(named["backbone.model.blocks.0.attn.qkv.weight"])] == pytest.approx((0.9 ** 3, 0.5))
+    assert lr_of[id(named["backbone.model.blocks.0.attn.qkv.bias"])] == pytest.approx((0.9 ** 3, 0.0))
+    assert lr_of[id(named["backbone.model.patch_embed.proj.weight"])] == pytest.approx((0.9 ** 4 * 0.2, 0.5))
+    assert lr_of[id(named["backbone.model.cls_token"])] == pytest.approx((0.9 ** 4, 0.5))  # tokens are decayed
+    assert lr_of[id(named["head.mlp.0.weight"])] == pytest.approx((1.0, 0.5))
+    assert len(lr_of) == sum(p.requires_grad for p in student.parameters())
+    # off by default: two groups (decayed weights, the rest), every multiplier 1
+    plain = build_optimizer(student, OptimConfig(), torch.device("cpu"))
+    assert [(g["lr_mult"], g["wd_mult"]) for g in plain.param_groups] == [(1.0, 1.0), (1.0, 0.0)]
+
+
+def test_global_clipping_is_one_norm_per_student_module():
+    student = tiny_student(depth=1)
+    for p in student.parameters():
+        p.grad = torch.ones_like(p)
+    backbone_norm = math.sqrt(sum(p.numel() for p in student.backbone.parameters()))
+    head = [p.grad.clone() for p in student.head.parameters()]
+    clip_gradients(student, max_norm=1.0, mode="global")
+    grads = torch.cat([p.grad.flatten() for p in student.backbone.parameters()])
+    assert grads.norm().item() == pytest.approx(1.0, rel=1e-4)  # the whole backbone scaled as one
+    assert torch.allclose(grads, torch.full_like(grads, 1 / backbone_norm), rtol=1e-4)  # directions kept
+    head_norm = torch.cat([p.grad.flatten() for p in student.head.parameters()]).norm().item()
+    assert head_norm == pytest.approx(1.0, rel=1e-4)  # clipped separately from the backbone
+    assert all(torch.allclose(p.grad / p.grad.norm(), g / g.norm()) for p, g in zip(student.head.parameters(), head))
 
 
 def test_per_parameter_clipping():

@@ -10,33 +10,36 @@ import pytest
 import torch
 from torch import nn
 
-from sslcli.config import MethodConfig, ModelConfig, OptimConfig
+from sslcli.config import ModelConfig, OptimConfig, SimSiamConfig, load_config
 from sslcli.errors import ConfigError
 from sslcli.losses import simsiam_loss
 from sslcli.methods import build_method
 from sslcli.methods.simsiam import SimSiam
 from sslcli.models import SimSiamPredictor, SimSiamProjector
 from sslcli.schedules import cosine_schedule, epoch_cosine_schedule
-from sslcli.train.engine import Schedules, train_step
+from sslcli.data import Batch
+from sslcli.methods import StepContext
+from sslcli.train.engine import Schedules
+from sslcli.train.trainer import train_step
 from sslcli.train.optim import build_optimizer, param_groups, set_lr_wd
 
 # A ResNet-18 layout with one block per stage and 8..64 channels: 64-d features on 16-px views.
 TINY_RESNET = ModelConfig(arch="resnet18", drop_path_rate=0.0, kwargs={"layers": [1, 1, 1, 1],
                                                                       "channels": [8, 16, 32, 64]})
-TINY_SIMSIAM = MethodConfig(name="simsiam", out_dim=32, hidden_dim=32, pred_dim=8)
+TINY_SIMSIAM = SimSiamConfig(out_dim=32, hidden_dim=32, pred_dim=8)
 SIMSIAM_OPTIM = dict(name="sgd", lr=0.05, batch_size=512, min_lr=0.0, warmup_epochs=0, weight_decay=1e-4,
                      weight_decay_end=1e-4, schedule_unit="epoch", decay_norm_and_bias=True)
 
 
 def tiny_method(**method) -> SimSiam:
     torch.manual_seed(0)
-    cfg = MethodConfig(**{**TINY_SIMSIAM.__dict__, **method})
+    cfg = SimSiamConfig(**{**TINY_SIMSIAM.__dict__, **method})
     return build_method(TINY_RESNET, cfg, epochs=4, steps_per_epoch=2)
 
 
-def views(b: int = 8) -> list[torch.Tensor]:
+def views(b: int = 8) -> Batch:
     g = torch.Generator().manual_seed(1)
-    return [torch.randn(b, 3, 16, 16, generator=g) for _ in range(2)]
+    return Batch.from_views([torch.randn(b, 3, 16, 16, generator=g) for _ in range(2)])
 
 
 # ----------------------------------------------------------------------------- loss
@@ -91,15 +94,15 @@ def test_predictor_is_a_bottleneck_mlp_with_output_bias():
 
 def test_method_loss_anchor_stats_and_one_step():
     method = tiny_method()
-    assert isinstance(method, SimSiam) and method.teacher_backbone is method.student.backbone
+    assert isinstance(method, SimSiam) and method.evaluated_backbone is method.student.backbone
     # zero-init residual: the last BN scale of every residual block starts at 0 (timm's zero_init_last)
     last_bns = [p for n, p in method.student.backbone.named_parameters() if n.endswith("bn2.weight")]
     assert last_bns and all(torch.count_nonzero(p) == 0 for p in last_bns)
     optimizer = build_optimizer(method.student, OptimConfig(**SIMSIAM_OPTIM), torch.device("cpu"),
                                 method.constant_lr_parameters())
     before = {n: p.detach().clone() for n, p in method.student.named_parameters()}
-    out = train_step(method, optimizer, views(), epoch=0, lr=0.1, wd=1e-4, clip=0.0, precision="fp32",
-                     with_stats=True)
+    optim = OptimConfig(**SIMSIAM_OPTIM, clip_grad=0.0)
+    out = train_step(method, optimizer, views(), StepContext(0, 0, with_stats=True), 0.1, 1e-4, optim, "fp32")
     assert torch.isfinite(out.loss) and -1.0 <= out.loss.item() <= 1.0
     assert set(out.terms) == {"simsiam"} and not out.terms["simsiam"].requires_grad
     assert out.anchor.shape == (8, 64) and not out.anchor.requires_grad
@@ -108,14 +111,21 @@ def test_method_loss_anchor_stats_and_one_step():
     changed = [n for n, p in after.items() if not torch.equal(before[n], p)]
     assert any(n.startswith("backbone.") for n in changed) and any(n.startswith("predictor.") for n in changed)
     assert "projector.6.bias" not in changed  # frozen
-    method.cancel_gradients(0)
-    method.after_step(0)  # no-ops
+    assert out.scalars == {} and method.health({"embed_std": 1.0}) == []
 
 
-def test_method_takes_exactly_two_views():
-    method = tiny_method()
+def test_simsiam_takes_exactly_two_views_checked_at_load():
     with pytest.raises(ConfigError, match="local_crops"):
-        method.loss(views() + [torch.randn(8, 3, 8, 8)], epoch=0)
+        load_config("simsiam-rn50", overrides=["data.local_crops=2"])
+
+
+def test_simsiam_config_has_no_dino_keys():
+    """The SimSiam preset resolves to SimSiam's own method section (no temperatures, no momentum)."""
+    cfg = load_config("simsiam-rn50")
+    assert isinstance(cfg.method, SimSiamConfig) and not hasattr(cfg.method, "teacher_temp")
+    with pytest.raises(ConfigError, match="method.teacher_temp.*method.name simsiam"):
+        load_config("simsiam-rn50", overrides=["method.teacher_temp=0.04"])
+    assert cfg.data.interpolation == "bilinear"  # MoCo-v2's RandomResizedCrop
 
 
 def test_fix_pred_lr_keeps_the_predictor_at_the_base_lr():
@@ -145,7 +155,7 @@ def test_decay_norm_and_bias_decays_every_trainable_parameter():
     method = tiny_method()
     trainable = [p for p in method.student.parameters() if p.requires_grad]
     (group,) = param_groups(method.student, decay_norm_and_bias=True)
-    assert group["apply_wd"] and len(group["params"]) == len(trainable)
+    assert group["wd_mult"] == 1.0 and len(group["params"]) == len(trainable)
     assert all(id(p) != id(method.student.projector[6].bias) for p in group["params"])  # frozen: left out
     decay, no_decay = param_groups(method.student)  # the default (DINO) split
     assert any(p is method.student.predictor[3].bias for p in no_decay["params"])

@@ -11,7 +11,8 @@ import pytest
 from safetensors import safe_open
 
 from sslcli.errors import Interrupted, TrainingError
-from sslcli.train.checkpoint import read_metadata
+from sslcli.eval.monitor import KnnMonitor
+from sslcli.runfiles import read_metadata
 from sslcli.train.pretrain import RunOptions, pretrain
 
 
@@ -119,7 +120,7 @@ def test_corrupt_image_is_skipped_and_counted(shapes_folder, tiny_config, tmp_pa
 def test_knn_monitor_logs_initial_periodic_and_final(tiny_config, shapes_folder, shapes_val_folder, tmp_path):
     cfg = tiny_config("train.epochs=2", "monitor.knn_every=1", f"monitor.knn_train={shapes_folder}",
                       f"monitor.knn_val={shapes_val_folder}", "monitor.knn_k=5")
-    summary = pretrain(cfg, RunOptions(out=tmp_path / "run", device="cpu"))
+    summary = pretrain(cfg, RunOptions(out=tmp_path / "run", device="cpu"), make_monitor=KnnMonitor)
     assert list(summary["knn_top1"]) == ["0", "1", "2"]
     assert summary["knn_top1_init"] == summary["knn_top1"]["0"]
     assert summary["knn_top1_final"] == summary["knn_top1"]["2"]
@@ -132,4 +133,13 @@ def test_knn_monitor_needs_labeled_splits_for_folders(tiny_config, tmp_path):
     from sslcli.errors import ConfigError
 
     with pytest.raises(ConfigError, match="monitor.knn_train"):
+        pretrain(tiny_config("monitor.knn_every=1"), RunOptions(out=tmp_path / "run", device="cpu"),
+                 make_monitor=KnnMonitor)
+
+
+def test_knn_monitor_must_be_given_when_configured(tiny_config, tmp_path):
+    """Training never imports eval: a configured monitor without an evaluator is an input error."""
+    from sslcli.errors import UsageError
+
+    with pytest.raises(UsageError, match="monitor.knn_every"):
         pretrain(tiny_config("monitor.knn_every=1"), RunOptions(out=tmp_path / "run", device="cpu"))

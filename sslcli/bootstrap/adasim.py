@@ -1,6 +1,6 @@
 """AdaSim window distribution and decision (Lebailly et al., "Adaptive Similarity Bootstrapping
 for Self-Distillation based Representation Learning", ICCV 2023, Eq. 4-11 and Algorithm 1;
-spec: methods.md "Neighbour bootstrapping").
+see docs/methods.md "Neighbour bootstrapping").
 
 For anchor i, with w window slots (one per past epoch) of K recorded neighbours:
 - ids:  [w, K], neighbour ids of slot s (negative ids, e.g. -1, are padding; ignored).

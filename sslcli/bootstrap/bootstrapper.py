@@ -1,4 +1,4 @@
-"""Neighbour bootstrapping as the training engine sees it (DESIGN.md "Bootstrapping").
+"""Neighbour bootstrapping as the training engine sees it (docs/methods.md "Neighbour bootstrapping").
 
 It never knows the method: the engine gives it, after each optimizer step, the image ids of the
 batch and the method's anchor representation z_i (StepOutput.anchor, (B, d)); before each epoch it

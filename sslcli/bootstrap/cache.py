@@ -1,6 +1,6 @@
 """The neighbour cache of bootstrapping: embeddings Z, this epoch's supports, the window.
 
-Spec: methods.md "Neighbour bootstrapping" (cache and window); DESIGN.md "Bootstrapping" (sharding).
+See docs/methods.md "Neighbour bootstrapping" (cache and window); sharding below.
 
 State, sharded by image id across ranks (rank r owns ids r, r + world, r + 2 world, ...; an owned
 id's local row is id // world), rows = ceil((N - r) / world):

@@ -1,6 +1,6 @@
 """Decision rules: for each anchor i of a shard, the image j* its second view is cropped from.
 
-Spec: methods.md "Neighbour bootstrapping". Every rule is a pure function of a `PlanInput`
+See docs/methods.md "Neighbour bootstrapping". Every rule is a pure function of a `PlanInput`
 (the shard's window, the epoch, pre-drawn uniforms, labels) and returns j* for every anchor of
 the shard, vectorised (no per-image Python). The uniforms are drawn for all N images from one
 generator seeded by (seed, epoch), so j* does not depend on how the ids are sharded.

@@ -11,7 +11,8 @@ from sslcli.cli.pretrain import pretrain_command
 
 app = typer.Typer(
     name="ssl",
-    help="Pretrain, evaluate and audit self-distillation vision models (DINO, AdaSim, SimDINO, SOVE).",
+    help="Pretrain, evaluate and audit self-distillation vision models: DINO, DINO-2 (two global "
+         "crops) and SimSiam, with NN, AdaSim or oracle neighbour bootstrapping.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -11,8 +11,11 @@ from rich.table import Table
 
 from sslcli.cli.common import emit_json, exits_on_errors, stdout
 from sslcli.cli.progress import task_progress
+from sslcli.device import DEVICE_KINDS
 from sslcli.errors import UsageError
 from sslcli.eval import suite, tasks
+from sslcli.eval.knn import DEFAULT_KS
+from sslcli.eval.options import DavisOptions, FewshotOptions, KnnOptions, LinearOptions, RetrievalOptions
 
 app = typer.Typer(help="Evaluate frozen features with the standard protocols.", no_args_is_help=True)
 
@@ -25,11 +28,12 @@ BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per extract
 Workers = Annotated[int, typer.Option("--workers", help="Data-loading processes.")]
 Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the JSON report to this file.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the JSON report to stdout (and nothing else).")]
+File = Annotated[Optional[str], typer.Option(metavar="<path>", help="Feature file (safetensors).")]
 
 
 def source(weights, which, device, cache, image_size, batch_size=256, workers=4) -> tasks.Source:
-    if device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda, got '{device}'")
+    if device not in DEVICE_KINDS:
+        raise UsageError(f"--device must be {', '.join(DEVICE_KINDS)}, got '{device}'")
     return tasks.Source(weights, which, device, cache, image_size, batch_size, workers)
 
 
@@ -74,19 +78,16 @@ def parse_ks(text: str) -> tuple[int, ...]:
         ks = tuple(int(k) for k in text.split(","))
     except ValueError:
         raise UsageError(f"--k expects comma-separated integers like 10,20,100,200, got '{text}'") from None
-    if not ks or min(ks) < 1:
-        raise UsageError(f"--k values must be >= 1, got '{text}'")
-    return ks
+    return ks  # the range is checked once, by KnnOptions
 
 
 @app.command("knn")
 @exits_on_errors
 def knn(weights: Weights = None, train: Annotated[Optional[str], typer.Option(help="Labeled train folder.")] = None,
         val: Annotated[Optional[str], typer.Option(help="Labeled val folder.")] = None,
-        train_features: Annotated[Optional[Path], typer.Option(help="Train feature file.")] = None,
-        val_features: Annotated[Optional[Path], typer.Option(help="Val feature file.")] = None,
-        k: Annotated[str, typer.Option("--k", help="Neighbour counts.")] = "10,20,100,200",
-        temperature: Annotated[float, typer.Option(help="Softmax temperature of the vote.")] = 0.07,
+        train_features: File = None, val_features: File = None,
+        k: Annotated[str, typer.Option("--k", help="Neighbour counts.")] = ",".join(map(str, DEFAULT_KS)),
+        temperature: Annotated[float, typer.Option(help="Softmax temperature of the vote.")] = KnnOptions.temperature,
         which: Which = "teacher", device: Device = "auto", cache: Cache = None, image_size: ImageSize = None,
         batch_size: BatchSize = 256, workers: Workers = 4, out: Out = None, json_out: Json = False) -> None:
     """Weighted k-NN classification (DINO protocol): top-1/top-5 per k.
@@ -94,8 +95,10 @@ def knn(weights: Weights = None, train: Annotated[Optional[str], typer.Option(he
     Example: ssl eval knn --weights runs/dino-s16 --train /data/imagenet/train --val /data/imagenet/val --json
     """
     src = source(weights, which, device, cache, image_size, batch_size, workers)
+    opts = KnnOptions(train=train, val=val, train_features=train_features, val_features=val_features,
+                      k=list(parse_ks(k)), temperature=temperature)
     with task_progress(not json_out) as progress:
-        result = tasks.run_knn(src, train, val, train_features, val_features, parse_ks(k), temperature, progress)
+        result = tasks.run_knn(src, opts, progress)
     render(result, out, json_out)
 
 
@@ -103,9 +106,10 @@ def knn(weights: Weights = None, train: Annotated[Optional[str], typer.Option(he
 @exits_on_errors
 def fewshot(weights: Weights = None,
             data: Annotated[Optional[str], typer.Option(help="ImageFolder, all classes pooled.")] = None,
-            features: Annotated[Optional[Path], typer.Option(help="Feature file with labels.")] = None,
-            ways: int = 5, shots: int = 5, queries: int = 15, episodes: int = 600, seed: int = 0,
-            metric: Annotated[str, typer.Option(help="accuracy | mean-per-class.")] = "accuracy",
+            features: File = None, ways: int = FewshotOptions.ways, shots: int = FewshotOptions.shots,
+            queries: int = FewshotOptions.queries, episodes: int = FewshotOptions.episodes,
+            seed: int = FewshotOptions.seed,
+            metric: Annotated[str, typer.Option(help="accuracy | mean-per-class.")] = FewshotOptions.metric,
             which: Which = "teacher", device: Device = "auto", cache: Cache = None, image_size: ImageSize = None,
             batch_size: BatchSize = 256, workers: Workers = 4, out: Out = None, json_out: Json = False) -> None:
     """Few-shot nearest-centroid episodes: mean accuracy and 95% interval.
@@ -113,8 +117,10 @@ def fewshot(weights: Weights = None,
     Example: ssl eval fewshot --weights runs/adasim-s16 --data /data/aircraft --ways 5 --shots 5
     """
     src = source(weights, which, device, cache, image_size, batch_size, workers)
+    opts = FewshotOptions(data=data, features=features, ways=ways, shots=shots, queries=queries, episodes=episodes,
+                          seed=seed, metric=metric)
     with task_progress(not json_out) as progress:
-        result = tasks.run_fewshot(src, data, features, ways, shots, queries, episodes, seed, metric, progress)
+        result = tasks.run_fewshot(src, opts, progress)
     render(result, out, json_out)
 
 
@@ -122,34 +128,39 @@ def fewshot(weights: Weights = None,
 @exits_on_errors
 def linear(weights: Weights = None, train: Annotated[Optional[str], typer.Option(help="Labeled train folder.")] = None,
            val: Annotated[Optional[str], typer.Option(help="Labeled val folder.")] = None,
-           epochs: int = 100, lr: Annotated[float, typer.Option(help="Per 256 images.")] = 0.001,
-           probe_batch_size: Annotated[int, typer.Option("--probe-batch-size")] = 1024,
+           epochs: int = LinearOptions.epochs,
+           lr: Annotated[float, typer.Option(help="Per 256 images.")] = LinearOptions.lr,
+           probe_batch_size: Annotated[int, typer.Option("--probe-batch-size")] = LinearOptions.batch_size,
            n_last_blocks: Annotated[Optional[int], typer.Option(help="ViT: CLS of the last n blocks.")] = None,
            avgpool: Annotated[Optional[bool], typer.Option("--avgpool/--no-avgpool")] = None,
-           fast: Annotated[bool, typer.Option("--fast", help="Cached features, no augmentation.")] = False,
-           train_features: Annotated[Optional[Path], typer.Option(help="Train feature file (fast protocol).")] = None,
-           val_features: Annotated[Optional[Path], typer.Option(help="Val feature file (fast protocol).")] = None,
-           seed: int = 0, which: Which = "teacher", device: Device = "auto", image_size: ImageSize = None,
-           workers: Workers = 4, out: Out = None, json_out: Json = False) -> None:
+           fast: Annotated[bool, typer.Option("--fast", help="Cached features, no augmentation.")] = LinearOptions.fast,
+           train_features: File = None, val_features: File = None,
+           seed: int = LinearOptions.seed, which: Which = "teacher", device: Device = "auto",
+           image_size: ImageSize = None, workers: Workers = 4, out: Out = None, json_out: Json = False) -> None:
     """Linear probe (DINO protocol; --fast: on cached features, for sweeps).
 
     Example: ssl eval linear --weights runs/dino-s16 --train /data/imagenet/train --val /data/imagenet/val
     """
     src = source(weights, which, device, None, image_size, workers=workers)
+    opts = LinearOptions(train=train, val=val, train_features=train_features, val_features=val_features,
+                         epochs=epochs, batch_size=probe_batch_size, lr=lr, n_last_blocks=n_last_blocks,
+                         avgpool=avgpool, fast=fast, seed=seed)
     with task_progress(not json_out) as progress:
-        result = tasks.run_linear(src, train, val, epochs, probe_batch_size, lr, n_last_blocks, avgpool, fast, seed,
-                                  train_features, val_features, progress)
+        result = tasks.run_linear(src, opts, progress)
     render(result, out, json_out)
 
 
 @app.command("davis")
 @exits_on_errors
-def davis(davis_root: Annotated[Path, typer.Option("--davis", help="DAVIS-2017 root.")],
+def davis(davis_root: Annotated[str, typer.Option("--davis", metavar="<path>", help="DAVIS-2017 root.")],
           weights: Weights = None,
-          predictions: Annotated[Optional[Path], typer.Option(help="Score these masks (no weights needed).")] = None,
-          out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Where propagated masks go.")] = None,
-          split: str = "val", sequences: Annotated[Optional[str], typer.Option(help="Subset: a,b,c.")] = None,
-          short_side: int = 480, which: Which = "teacher", device: Device = "auto", out: Out = None,
+          predictions: Annotated[Optional[str], typer.Option(metavar="<path>",
+                                                             help="Score these masks (no weights needed).")] = None,
+          out_dir: Annotated[str, typer.Option("--out-dir", metavar="<path>",
+                                               help="Where propagated masks go.")] = DavisOptions.out_dir,
+          split: str = DavisOptions.split,
+          sequences: Annotated[Optional[str], typer.Option(help="Subset: a,b,c.")] = None,
+          short_side: int = DavisOptions.short_side, which: Which = "teacher", device: Device = "auto", out: Out = None,
           json_out: Json = False) -> None:
     """DAVIS-2017 label propagation and J&F scoring, or scoring alone with --predictions.
 
@@ -159,26 +170,27 @@ def davis(davis_root: Annotated[Path, typer.Option("--davis", help="DAVIS-2017 r
 
       ssl eval davis --davis /data/DAVIS --predictions results/osvos
     """
-    if predictions is None and out_dir is None:
-        out_dir = Path("davis-predictions")
     src = source(weights, which, device, None, None)
     subset = [s for s in sequences.split(",") if s] if sequences else None
+    opts = DavisOptions(davis=davis_root, predictions=predictions, out_dir=out_dir, split=split, sequences=subset,
+                       short_side=short_side)
     with task_progress(not json_out) as progress:
-        result = tasks.run_davis_eval(src, davis_root, predictions, out_dir, split, subset, short_side, progress)
+        result = tasks.run_davis_eval(src, opts, progress)
     render(result, out, json_out)
 
 
 @app.command("retrieval")
 @exits_on_errors
 def retrieval(weights: Weights = None,
-              data: Annotated[Optional[Path], typer.Option(help="ROOT with <dataset>/jpg and gnd file.")] = None,
-              dataset: Annotated[str, typer.Option(help="roxford5k | rparis6k.")] = "roxford5k",
-              query_features: Annotated[Optional[Path], typer.Option()] = None,
-              db_features: Annotated[Optional[Path], typer.Option()] = None,
-              gnd: Annotated[Optional[Path], typer.Option(help="gnd_<dataset>.pkl for feature files.")] = None,
+              data: Annotated[Optional[str], typer.Option(metavar="<path>",
+                                                          help="ROOT with <dataset>/jpg and gnd file.")] = None,
+              dataset: Annotated[str, typer.Option(help="roxford5k | rparis6k.")] = RetrievalOptions.dataset,
+              query_features: File = None, db_features: File = None,
+              gnd: Annotated[Optional[str], typer.Option(metavar="<path>",
+                                                         help="gnd_<dataset>.pkl for feature files.")] = None,
               imsize: Annotated[Optional[int], typer.Option(help="Long side (default 224 Oxford, 512 Paris).")] = None,
-              multiscale: bool = False,
-              query_crop: Annotated[bool, typer.Option("--query-crop/--no-query-crop")] = True,
+              multiscale: bool = RetrievalOptions.multiscale,
+              query_crop: Annotated[bool, typer.Option("--query-crop/--no-query-crop")] = RetrievalOptions.query_crop,
               which: Which = "teacher", device: Device = "auto", cache: Cache = None, workers: Workers = 4,
               out: Out = None, json_out: Json = False) -> None:
     """Revisited Oxford / Paris retrieval: mAP and mP@k for Easy, Medium and Hard.
@@ -186,9 +198,10 @@ def retrieval(weights: Weights = None,
     Example: ssl eval retrieval --weights runs/dino-s16 --data /data/revisitop --dataset roxford5k --multiscale
     """
     src = source(weights, which, device, cache, None, workers=workers)
+    opts = RetrievalOptions(data=data, dataset=dataset, query_features=query_features, db_features=db_features,
+                            gnd=gnd, imsize=imsize, multiscale=multiscale, query_crop=query_crop)
     with task_progress(not json_out) as progress:
-        result = tasks.run_retrieval_eval(src, data, dataset, query_features, db_features, gnd, imsize, multiscale,
-                                          query_crop, progress)
+        result = tasks.run_retrieval_eval(src, opts, progress)
     render(result, out, json_out)
 
 

@@ -13,6 +13,7 @@ from sslcli.cli.common import emit_json, exits_on_errors, setup_logging, stdout
 from sslcli.cli.progress import ReporterFactory
 from sslcli.config import load_config
 from sslcli.errors import UsageError
+from sslcli.eval.monitor import KnnMonitor
 from sslcli.train.distributed import in_torchrun
 from sslcli.train.pretrain import RunOptions, pretrain
 
@@ -58,7 +59,7 @@ def pretrain_command(
         out = Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     opts = RunOptions(out=out, resume=resume, device="cuda" if gpus else ("cpu" if procs and device == "auto" else device),
                       procs=max(gpus, procs, 1))
-    summary = pretrain(cfg, opts, ReporterFactory(quiet=quiet or json_out))
+    summary = pretrain(cfg, opts, ReporterFactory(quiet=quiet or json_out), make_monitor=KnnMonitor)
     if json_out:
         emit_json(summary)
     else:

@@ -3,7 +3,7 @@
 `builtin:shapes` has 10 classes = 5 shapes (circle, cross, square, star, triangle) x {filled,
 outline}. Each image is one bright, randomly coloured shape of random size and position on a
 uniform dark background; no rotation, no clutter, so that a tiny model learns it in minutes
-(see DESIGN.md "Built-in data"). Generation is deterministic given (split, n, size, seed).
+(harder nuisances left a tiny model at chance). Generation is deterministic given (split, n, size, seed).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Datasets of raw images with stable global ids (id = position; DESIGN.md "Contracts").
+"""Datasets of raw images with stable global ids (id = position in the dataset's order).
 
 A dataset spec is either a folder path (ImageFolder layout or an unlabeled folder of images, see
 sslcli.data.folder) or a built-in name: `builtin:shapes` (= `builtin:shapes:train`),

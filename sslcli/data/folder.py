@@ -1,6 +1,6 @@
 """Index an image folder in exactly torchvision's ImageFolder order, fast, with an optional cache.
 
-Order (DESIGN.md "Contracts": image id = position in this order, class id = sorted class-folder
+Order (the ids every command uses: image id = position in this order, class id = sorted class-folder
 position), identical to `torchvision.datasets.ImageFolder(root, allow_empty=True)`:
   classes = sorted names of root's sub-directories (symlinks to directories included);
   for each class in that order, the directories of `sorted(os.walk(class_dir, followlinks=True))`

@@ -1,7 +1,7 @@
-"""Built-in data generators for the evaluation formats (DESIGN.md "Built-in data").
+"""Built-in data generators for the evaluation formats (`ssl data make`).
 
 Each writes a tiny dataset, deterministic by seed, in the on-disk layout of the real one
-(spec/evals.md), so that every eval can be tried and tested with no download:
+(docs/evals.md), so that every eval can be tried and tested with no download:
 
 - `make_shapes_folder`: `builtin:shapes` as an ImageFolder, `out/<class>/<id>.png`.
 - `make_fewshot_folder`: class folders of shapes for few-shot episodes.
@@ -12,7 +12,7 @@ Writing: everything goes into a fresh hidden sibling folder of `out`, renamed on
 end (one rename), so `out` is either untouched or complete. An existing non-empty `out` (or a
 file) is refused with UsageError; an existing empty folder is replaced. Random streams are derived
 from (seed, generator, item), so e.g. adding sequences or distractors leaves the others unchanged.
-Scenes and textures live in `sslcli.data.scenes`, the palette-PNG writer in `sslcli.data.masks`.
+Scenes and textures live in `sslcli.data.scenes`, the palette-PNG writer in `sslcli.data.palette`.
 The retrieval ground truth is written with `pickle.dumps` (protocol 2) of plain data only
 (dicts, lists, str, int, float), which the restricted unpickler of the retrieval eval reads.
 """
@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 
 from sslcli.data import scenes
 from sslcli.data.builtin import SHAPE_CLASSES, SHAPES, SPLITS, draw_shape, make_shapes, render_shape
-from sslcli.data.masks import write_indexed_png
+from sslcli.data.palette import write_indexed_png
 from sslcli.errors import UsageError, hint
 
 JPEG_QUALITY = 90

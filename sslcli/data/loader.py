@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sslcli.config import DataConfig
+from sslcli.data.batch import Batch
 from sslcli.data.datasets import ImageDataset
 from sslcli.data.transforms import MultiCropTransform
 from sslcli.errors import DataError
@@ -42,8 +43,9 @@ class TrainSet(Dataset):
     """Augmented training samples addressed by (epoch, index).
 
     `trainset[(epoch, i)]` or `trainset[(epoch, i, j)]` -> {"crops": list of tensors (one per
-    view), "index": int, "label": int, "second": int, "bad": int}; with j != i the second global
-    view is cropped from image j ("second"). When image i cannot be read, the next images (i+1,
+    view), "index": int, "label": int, "second": int, "bad": int, "seed": int}; with j != i the
+    second global view is cropped from image j ("second"); "seed" is the sample's
+    (seed, epoch, i) seed. When image i cannot be read, the next images (i+1,
     i+2, ... mod N) are tried deterministically; "index"/"label" are those of the image used and
     "bad" counts the skipped ones (an unreadable x_j gives a standard pair, also counted). A warning is logged once per bad file per process; DataError after
     MAX_CONSECUTIVE_BAD consecutive failures.
@@ -98,9 +100,10 @@ class TrainSet(Dataset):
         if len(key) > 2 and int(key[2]) != index and used == index:
             second = self._try_load(int(key[2]))
             j, bad = (int(key[2]), bad) if second is not None else (used, bad + 1)
-        crops = self._augment(img, second, sample_seed(self.base_seed, epoch, index))
+        seed = sample_seed(self.base_seed, epoch, index)
+        crops = self._augment(img, second, seed)
         return {"crops": crops, "index": used, "label": int(self.dataset.labels[used]), "second": j,
-                "bad": bad}
+                "bad": bad, "seed": seed}
 
 
 class EpochBatchSampler(Sampler):
@@ -181,17 +184,17 @@ class EpochBatchSampler(Sampler):
                 yield [(epoch, i, j) for i, j in zip(batch.tolist(), plan[batch].tolist())]
 
 
-def collate_crops(samples: list[dict]) -> dict:
-    """Stack TrainSet samples: {"crops": list (per view) of [b, 3, H, W] tensors, "index":
-    int64 [b], "label": int64 [b], "second": int64 [b] (image of global view 2), "bad": int64 scalar (images skipped in this batch)}."""
-    views = len(samples[0]["crops"])
-    return {
-        "crops": [torch.stack([s["crops"][v] for s in samples]) for v in range(views)],
-        "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
-        "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
-        "second": torch.tensor([s["second"] for s in samples], dtype=torch.long),
-        "bad": torch.tensor(sum(s["bad"] for s in samples), dtype=torch.long),
-    }
+def collate_views(samples: list[dict], global_views: int = 2) -> Batch:
+    """Stack TrainSet samples into a Batch (the first `global_views` crops are the global views)."""
+    views = [torch.stack([s["crops"][v] for s in samples]) for v in range(len(samples[0]["crops"]))]
+    return Batch(
+        global_views=views[:global_views], local_views=views[global_views:],
+        ids=torch.tensor([s["index"] for s in samples], dtype=torch.long),
+        second_ids=torch.tensor([s["second"] for s in samples], dtype=torch.long),
+        labels=torch.tensor([s["label"] for s in samples], dtype=torch.long),
+        seeds=torch.tensor([s["seed"] for s in samples], dtype=torch.long),
+        bad=torch.tensor(sum(s["bad"] for s in samples), dtype=torch.long),
+    )
 
 
 def build_train_loader(dataset: ImageDataset, cfg: DataConfig, batch_size_total: int, rank: int,
@@ -199,13 +202,13 @@ def build_train_loader(dataset: ImageDataset, cfg: DataConfig, batch_size_total:
                        pin_memory: bool) -> tuple[DataLoader, EpochBatchSampler]:
     """DataLoader of multi-crop batches for this rank, and its sampler (for set_position).
 
-    Each batch is `collate_crops` output with b = batch_size_total // world images. Workers are
+    Each batch is a `Batch` (collate_views) of b = batch_size_total // world images. Workers are
     persistent with prefetch_factor 4 when workers > 0. `seed` must be the same on all ranks.
     """
     sampler = EpochBatchSampler(len(dataset), batch_size_total, rank, world, seed)
     trainset = TrainSet(dataset, MultiCropTransform(cfg), base_seed=seed)
     loader = DataLoader(trainset, batch_sampler=sampler, num_workers=workers,
-                        collate_fn=collate_crops, pin_memory=pin_memory,
+                        collate_fn=collate_views, pin_memory=pin_memory,
                         persistent_workers=workers > 0,
                         prefetch_factor=4 if workers > 0 else None,
                         # its own generator: creating an epoch's iterator must not draw from the

@@ -1,6 +1,6 @@
 """Image transforms: DINO's multi-crop augmentation and the evaluation transform.
 
-Follows spec/methods.md "Shared pieces" (and the DINO code it describes). Randomness comes only
+DINO's multi-crop recipe (docs/methods.md, "Multi-crop augmentation"). Randomness comes only
 from Python's `random` (blur, solarize) and torch's global CPU generator (crop, flip, jitter,
 grayscale, via torchvision), so seeding both before a call reproduces its crops exactly.
 """
@@ -18,6 +18,7 @@ from torchvision.transforms import InterpolationMode
 from sslcli.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 
 BICUBIC = InterpolationMode.BICUBIC
+INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 
 
 class GaussianBlur:
@@ -77,7 +78,8 @@ class MultiCropTransform:
     G = cfg.global_crop_size, L = cfg.local_crop_size (pixels); values normalised with
     cfg.mean / cfg.std. Global view 1: RRC -> colour block -> blur (p = blur_probs[0]);
     global view 2: RRC -> colour block -> blur (blur_probs[1]) -> solarize (solarize_prob);
-    local views: RRC(local scale) -> colour block -> blur (blur_probs[2]). RRC is bicubic.
+    local views: RRC(local scale) -> colour block -> blur (blur_probs[2]). RRC interpolation is
+    cfg.interpolation (DINO: bicubic; SimSiam / MoCo-v2: bilinear).
     """
 
     def __init__(self, cfg: DataConfig):
@@ -87,7 +89,7 @@ class MultiCropTransform:
         p1, p2, p_local = cfg.blur_probs
 
         def rrc(size: int, scale: tuple[float, float]) -> T.RandomResizedCrop:
-            return T.RandomResizedCrop(size, scale=tuple(scale), interpolation=BICUBIC)
+            return T.RandomResizedCrop(size, scale=tuple(scale), interpolation=INTERPOLATION[cfg.interpolation])
 
         self.global1 = T.Compose([rrc(cfg.global_crop_size, cfg.global_crops_scale), colour,
                                   GaussianBlur(p1), normalize])

@@ -1,4 +1,4 @@
-"""DAVIS-2017 label propagation (DINO protocol, spec: evals.md "DAVIS-2017 video object segmentation").
+"""DAVIS-2017 label propagation (DINO protocol, docs/evals.md "DAVIS-2017 video object segmentation").
 
 Follows DINO's `eval_video_segmentation.py` (`read_frame`, `read_seg`, `label_propagation`,
 `restrict_neighborhood`, `norm_mask`, `eval_video_tracking_davis`):
@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from sslcli.device import autocast
 from sslcli.errors import DataError, UsageError, hint
 from sslcli.eval.davis_score import ANNOTATIONS, select_sequences, split_sequences, read_mask, write_indexed_png
 
@@ -124,7 +125,7 @@ def frame_features(backbone, frames: Iterable[Image.Image], size: tuple[int, int
 def _embed(backbone, batch: list[Tensor], grid: tuple[int, int], device: torch.device) -> list[Tensor]:
     """Frames [3, H', W'] -> list of L2-normalised patch features [h*w, D] float32."""
     x = torch.stack(batch).to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(device):
         patch = backbone.forward_features(x)["patch"]
     if patch.shape[1] != grid[0] * grid[1]:
         raise UsageError(f"backbone gave {patch.shape[1]} patch tokens for {x.shape[3]}x{x.shape[2]} "

@@ -12,7 +12,7 @@ Follows the official davis2017-evaluation toolkit (`davis2017/metrics.py`, `util
 - Per object: mean, recall (fraction of frames > 0.5) and decay over 4 overlapping bins.
 
 Masks are palette PNGs whose pixel values are object ids (0 background, 255 void); the palette
-is the PASCAL VOC colour map, generated locally (sslcli.data.masks).
+is the PASCAL VOC colour map, generated locally (sslcli.data.palette).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sslcli.data.masks import davis_palette, read_mask, write_indexed_png
+from sslcli.data.palette import davis_palette, read_mask, write_indexed_png
 from sslcli.errors import DataError, UsageError, hint
 
 __all__ = ["davis_palette", "read_mask", "write_indexed_png", "db_eval_iou", "db_eval_boundary",

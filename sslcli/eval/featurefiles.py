@@ -1,4 +1,4 @@
-"""Feature files and the feature cache (DESIGN.md "Contracts": feature files).
+"""Feature files and the feature cache (docs/evals.md "Inputs and outputs common to all evals").
 
 A feature file is a safetensors file with
   `features` [N, D] float (any float dtype; read as float32),
@@ -24,19 +24,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from sslcli.data.datasets import BUILTIN_PREFIX
 from sslcli.errors import CheckpointError, DataError
+from sslcli.runfiles import atomic_save
 from sslcli.eval.weights import WeightsInfo
 
 logger = logging.getLogger(__name__)
@@ -97,13 +95,7 @@ def save_features(path: Path | str, fs: FeatureSet) -> Path:
         t = getattr(fs, name)
         if t is not None:
             tensors[name] = t.detach().to("cpu", torch.int64).contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=dict(fs.meta))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_save(tensors, dict(fs.meta), path)
     return path
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from sslcli.device import autocast
 from sslcli.errors import DataError
 
 
@@ -35,7 +36,7 @@ def extract_features(backbone: nn.Module, images, transform: Callable, device: t
                      on_batch: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor]:
     """Global features of every image -> (features [N, D] float32 on CPU, labels [N] int64).
 
-    The backbone runs in eval mode (restored afterwards), bf16 autocast on CUDA.
+    The backbone runs in eval mode (restored afterwards) under `sslcli.device.autocast` (bf16 on CUDA).
     `on_batch(n)` is called after each batch with its size (for progress bars).
     """
     loader = DataLoader(TransformedImages(images, transform), batch_size=batch_size, shuffle=False,
@@ -45,7 +46,7 @@ def extract_features(backbone: nn.Module, images, transform: Callable, device: t
     feats, labels = [], []
     try:
         for x, y in loader:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 f = backbone(x.to(device, non_blocking=True))
             feats.append(f.float().cpu())
             labels.append(y)

@@ -1,4 +1,4 @@
-"""Few-shot nearest-centroid episodes (spec/evals.md "Few-shot", as in Ericsson et al.).
+"""Few-shot nearest-centroid episodes (docs/evals.md "Few-shot", as in Ericsson et al.).
 
 Each episode: `ways` classes drawn at random (without replacement) from the classes that have at
 least shots + queries images; per class `shots` + `queries` distinct images; prototype = mean of

@@ -16,8 +16,11 @@ from torch import Tensor
 
 from sslcli.errors import DataError, UsageError
 
+# The k-NN protocol's defaults, defined here only (eval options, CLI flags and the online
+# monitor read them): neighbour counts, the k of the headline top-1, the vote temperature.
 DEFAULT_KS = (10, 20, 100, 200)
 HEADLINE_K = 20
+DEFAULT_TEMPERATURE = 0.07
 
 
 def knn_classify(
@@ -26,7 +29,7 @@ def knn_classify(
     test_features: Tensor,
     test_labels: Tensor,
     ks: Sequence[int] = DEFAULT_KS,
-    temperature: float = 0.07,
+    temperature: float = DEFAULT_TEMPERATURE,
     num_classes: int | None = None,
     chunk_size: int = 256,
 ) -> dict:

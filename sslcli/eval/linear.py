@@ -1,4 +1,4 @@
-"""Linear probe on a frozen backbone (spec/evals.md "Linear probe (DINO protocol)").
+"""Linear probe on a frozen backbone (DINO protocol, docs/evals.md "Linear probe").
 
 DINO's eval_linear.py, single process:
 - features (`probe_features`): ViT -> the CLS tokens of the last n blocks, each after the final
@@ -42,6 +42,7 @@ from torchvision import transforms as T
 
 from sslcli.data.datasets import ImageDataset, open_dataset
 from sslcli.data.transforms import eval_transform
+from sslcli.device import autocast
 from sslcli.errors import DataError, TrainingError, UsageError
 from sslcli.eval.features import TransformedImages, extract_features
 from sslcli.eval.weights import WeightsInfo
@@ -127,10 +128,6 @@ def make_optimizer(linear: nn.Module, lr: float, batch_size: int,
 # ---------------------------------------------------------------- batches, training, scoring
 
 
-def _autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def _on_device(t: Tensor, device: torch.device) -> Tensor:
     """`t` on `device`, or left on the CPU when it does not fit there (batches move then)."""
     try:
@@ -152,7 +149,7 @@ def _image_batches(features: ProbeFeatures, loader: DataLoader,
                    device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
     """One pass of augmented images through the frozen backbone -> ([B, F] float32, [B])."""
     for images, labels in loader:
-        with torch.no_grad(), _autocast(device):
+        with torch.no_grad(), autocast(device):
             f = features(images.to(device, non_blocking=True))
         yield f.float(), labels.to(device, non_blocking=True)
 

@@ -1,4 +1,4 @@
-"""Protocol preprocessing + feature extraction (spec/evals.md), each returning FeatureSet(s).
+"""Protocol preprocessing + feature extraction (docs/evals.md), each returning FeatureSet(s).
 
 Every pipeline runs the frozen backbone (`Backbone(x)`: the CLS token after the final norm for
 ViTs, the pooled vector for CNNs), in eval mode, bf16 autocast on CUDA, and goes through the
@@ -6,7 +6,7 @@ feature cache when one is given (key = weights + data + the preprocessing dict b
 also holds a fingerprint of the dataset index: image count and sha1 of the relative paths and
 labels, so added / removed / renamed images miss the cache).
 
-Choices the spec leaves open, made here:
+Choices the protocols leave open, made here:
 - crop size = `image_size` or the weights' training crop (`WeightsInfo.image_size`; 224 for the
   paper presets); mean / std = the weights' training normalisation (ImageNet for the presets).
 - k-NN: the resize is round(crop * 256 / 224) px on the shorter side (256 for 224); features are
@@ -36,6 +36,7 @@ from torchvision import transforms as T
 
 from sslcli.data.datasets import ImageDataset, open_dataset
 from sslcli.data.transforms import BICUBIC, eval_transform
+from sslcli.device import autocast
 from sslcli.errors import DataError, UsageError, hint
 from sslcli.eval.featurefiles import FeatureCache, FeatureSet, as_cache, data_id
 from sslcli.eval.features import extract_features
@@ -238,7 +239,7 @@ def _global_feature(backbone: nn.Module, x: Tensor, scales: Sequence[float]) -> 
     for s in scales:
         xs = _rescale(x, s, patch)
         xs = _trim(xs, patch) if is_vit else xs
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        with autocast(x.device):
             total = total + backbone(xs)[0].float()
     return F.normalize(total / len(scales), dim=0)
 

@@ -1,4 +1,4 @@
-"""Image retrieval on revisited Oxford / Paris (spec/evals.md "Image retrieval").
+"""Image retrieval on revisited Oxford / Paris (docs/evals.md "Image retrieval").
 
 - `load_gnd`: reads `gnd_<dataset>.pkl` with a restricted unpickler (plain containers, numbers,
   strings and numpy arrays only) and validates its structure.

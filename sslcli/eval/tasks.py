@@ -1,8 +1,9 @@
 """One function per `ssl eval` command: resolve inputs, run the protocol, return the report.
 
-Report (DESIGN.md "Contracts"): {"task", "metrics", "config", "weights", "data", "seconds",
+Report (docs/evals.md, common to all evals): {"task", "metrics", "config", "weights", "data", "seconds",
 "version"}; percentages 0-100. Every task takes either `--weights` + images (features extracted,
-cached with `--cache DIR`) or precomputed feature files.
+cached with `--cache DIR`) or precomputed feature files. Each runner takes its task's typed
+options (sslcli.eval.options), built from CLI flags or from a suite entry.
 `progress(description, total)` -> advance(n) is how long work reports itself (the CLI draws a
 rich bar on stderr; None = silent).
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 import sslcli
+from sslcli.device import pick_device
 from sslcli.errors import UsageError
 from sslcli.eval.davis import run_davis
 from sslcli.eval.davis_score import evaluate_davis
@@ -25,6 +27,7 @@ from sslcli.eval.featurefiles import FeatureCache, FeatureSet, check_same_dim, l
 from sslcli.eval.fewshot import fewshot_episodes
 from sslcli.eval.knn import knn_classify
 from sslcli.eval.linear import linear_probe, linear_probe_features
+from sslcli.eval.options import DavisOptions, FewshotOptions, KnnOptions, LinearOptions, RetrievalOptions
 from sslcli.eval.pipelines import fewshot_features, knn_features, retrieval_features
 from sslcli.eval.retrieval import evaluate_retrieval, load_gnd
 from sslcli.eval.weights import WeightsInfo, load_backbone
@@ -48,9 +51,7 @@ class Source:
         self.workers = min(self.workers, os.cpu_count() or 1)  # more workers than cores only thrash
 
     def torch_device(self) -> torch.device:
-        if self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available()):
-            return torch.device("cuda")
-        return torch.device("cpu")
+        return pick_device(self.device)
 
     def backbone(self):
         if not self.weights:
@@ -62,6 +63,10 @@ def report(task: str, metrics: dict, config: dict, info: WeightsInfo | None, dat
     return {"task": task, "metrics": metrics, "config": config,
             "weights": info.to_dict() if info is not None else None, "data": data,
             "seconds": round(time.time() - started, 2), "version": sslcli.__version__}
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
 
 
 def _advance(progress: Progress | None, description: str, total: int | None):
@@ -84,10 +89,10 @@ def _needs_backbone(*files: Path | None) -> bool:
     return any(f is None for f in files)
 
 
-def run_knn(src: Source, train: str | None, val: str | None, train_features: Path | None = None,
-            val_features: Path | None = None, ks: tuple[int, ...] = (10, 20, 100, 200),
-            temperature: float = 0.07, progress: Progress | None = None) -> dict:
+def run_knn(src: Source, opts: KnnOptions, progress: Progress | None = None) -> dict:
     started = time.time()
+    train, val = opts.train, opts.val
+    train_features, val_features = _path(opts.train_features), _path(opts.val_features)
     backbone, info = src.backbone() if _needs_backbone(train_features, val_features) else (None, None)
     tr = _classify_set(src, train, train_features, "train", backbone, info, progress)
     va = _classify_set(src, val, val_features, "val", backbone, info, progress)
@@ -97,94 +102,93 @@ def run_knn(src: Source, train: str | None, val: str | None, train_features: Pat
             raise UsageError(f"k-NN needs labels: the {name} data has none (use an ImageFolder layout)")
     device = src.torch_device()
     metrics = knn_classify(tr.features.to(device), tr.labels.to(device), va.features.to(device),
-                           va.labels.to(device), ks=ks, temperature=temperature)
-    config = {"k": list(ks), "temperature": temperature, "image_size": src.image_size}
+                           va.labels.to(device), ks=opts.k, temperature=opts.temperature)
+    config = {"k": list(opts.k), "temperature": opts.temperature, "image_size": src.image_size}
     data = {"train": train or str(train_features), "val": val or str(val_features),
             "n_train": len(tr.features), "n_val": len(va.features)}
     return report("knn", metrics, config, info, data, started)
 
 
-def run_fewshot(src: Source, data: str | None, features: Path | None = None, ways: int = 5, shots: int = 5,
-                queries: int = 15, episodes: int = 600, seed: int = 0, metric: str = "accuracy",
-                progress: Progress | None = None) -> dict:
+def run_fewshot(src: Source, opts: FewshotOptions, progress: Progress | None = None) -> dict:
     started = time.time()
+    features = _path(opts.features)
     backbone, info = src.backbone() if features is None else (None, None)
-    fs = _classify_set(src, data, features, "fewshot", backbone, info, progress)
+    fs = _classify_set(src, opts.data, features, "fewshot", backbone, info, progress)
     if fs.labels is None:
         raise UsageError("few-shot needs labels: use an ImageFolder layout (one folder per class)")
-    metrics = fewshot_episodes(fs.features, fs.labels, ways, shots, queries, episodes, seed, metric)
-    config = {"ways": ways, "shots": shots, "queries": queries, "episodes": episodes, "seed": seed,
-              "metric": metric, "image_size": src.image_size}
-    return report("fewshot", metrics, config, info, {"data": data or str(features), "n": len(fs.features)},
+    metrics = fewshot_episodes(fs.features, fs.labels, opts.ways, opts.shots, opts.queries, opts.episodes,
+                               opts.seed, opts.metric)
+    config = {"ways": opts.ways, "shots": opts.shots, "queries": opts.queries, "episodes": opts.episodes,
+              "seed": opts.seed, "metric": opts.metric, "image_size": src.image_size}
+    return report("fewshot", metrics, config, info, {"data": opts.data or str(features), "n": len(fs.features)},
                   started)
 
 
-def run_linear(src: Source, train: str | None, val: str | None, epochs: int = 100, batch_size: int = 1024,
-               lr: float = 0.001, n_last_blocks: int | None = None, avgpool: bool | None = None, fast: bool = False,
-               seed: int = 0, train_features: Path | None = None, val_features: Path | None = None,
-               progress: Progress | None = None) -> dict:
+def run_linear(src: Source, opts: LinearOptions, progress: Progress | None = None) -> dict:
     """DINO linear protocol on images, or the fast protocol on feature files when both are given."""
     started = time.time()
-    advance = _advance(progress, "linear probe (epochs)", epochs)
+    train_features, val_features = _path(opts.train_features), _path(opts.val_features)
+    advance = _advance(progress, "linear probe (epochs)", opts.epochs)
     on_epoch = (lambda epoch, stats: advance(1)) if advance else None
-    config = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "fast": fast, "seed": seed}
+    config = {"epochs": opts.epochs, "batch_size": opts.batch_size, "lr": opts.lr, "fast": opts.fast,
+              "seed": opts.seed}
     if train_features is not None and val_features is not None:
         tr, va = load_features(train_features), load_features(val_features)
         check_same_dim(tr, va, "train features", "val features")
         if tr.labels is None or va.labels is None:
             raise UsageError("the linear probe needs labels in both feature files")
-        metrics = linear_probe_features(tr.features, tr.labels, va.features, va.labels, src.torch_device(), epochs,
-                                        batch_size, lr, seed, on_epoch)
+        metrics = linear_probe_features(tr.features, tr.labels, va.features, va.labels, src.torch_device(),
+                                        opts.epochs, opts.batch_size, opts.lr, opts.seed, on_epoch)
         data = {"train": str(train_features), "val": str(val_features)}
         return report("linear", metrics, dict(config, fast=True), None, data, started)
-    if not train or not val:
+    if not opts.train or not opts.val:
         raise UsageError("give --train and --val (labeled folders or builtin:NAME) or --train-features/--val-features")
     backbone, info = src.backbone()
-    metrics = linear_probe(backbone, info, train, val, src.torch_device(), epochs, batch_size, lr, n_last_blocks,
-                           avgpool, fast, src.workers, src.image_size, seed, on_epoch)
-    return report("linear", metrics, config, info, {"train": train, "val": val}, started)
+    metrics = linear_probe(backbone, info, opts.train, opts.val, src.torch_device(), opts.epochs, opts.batch_size,
+                           opts.lr, opts.n_last_blocks, opts.avgpool, opts.fast, src.workers, src.image_size,
+                           opts.seed, on_epoch)
+    return report("linear", metrics, config, info, {"train": opts.train, "val": opts.val}, started)
 
 
-def run_davis_eval(src: Source, davis_root: Path, predictions: Path | None = None, out_dir: Path | None = None,
-                   split: str = "val", sequences: list[str] | None = None, short_side: int = 480,
-                   progress: Progress | None = None) -> dict:
-    """Propagate labels with the backbone into out_dir and score them, or score `predictions` alone."""
+def run_davis_eval(src: Source, opts: DavisOptions, progress: Progress | None = None) -> dict:
+    """Propagate labels with the backbone into opts.out_dir and score them, or score opts.predictions alone."""
     started = time.time()
     info = None
+    davis_root, predictions = Path(opts.davis), _path(opts.predictions)
     if predictions is None:
-        if out_dir is None:
-            raise UsageError("give --predictions DIR (score existing masks) or --weights and --out-dir")
         backbone, info = src.backbone()
         advance = _advance(progress, "propagating", None)
-        predictions = run_davis(backbone, davis_root, out_dir, split, sequences, src.torch_device(), short_side,
+        predictions = run_davis(backbone, davis_root, Path(opts.out_dir), opts.split, opts.sequences,
+                                src.torch_device(), opts.short_side,
                                 on_frame=(lambda: advance(1)) if advance else None)
-    metrics = evaluate_davis(davis_root, predictions, split, sequences)
-    config = {"split": split, "sequences": sequences, "short_side": short_side}
+    metrics = evaluate_davis(davis_root, predictions, opts.split, opts.sequences)
+    config = {"split": opts.split, "sequences": opts.sequences, "short_side": opts.short_side}
     return report("davis", metrics, config, info, {"davis": str(davis_root), "predictions": str(predictions)},
                   started)
 
 
-def run_retrieval_eval(src: Source, root: Path | None, dataset: str, query_features: Path | None = None,
-                       db_features: Path | None = None, gnd_file: Path | None = None, imsize: int | None = None,
-                       multiscale: bool = False, query_crop: bool = True, progress: Progress | None = None) -> dict:
+def run_retrieval_eval(src: Source, opts: RetrievalOptions, progress: Progress | None = None) -> dict:
     started = time.time()
     info = None
+    query_features, db_features, gnd_file = _path(opts.query_features), _path(opts.db_features), _path(opts.gnd)
     if query_features is not None or db_features is not None:
         if None in (query_features, db_features, gnd_file):
             raise UsageError("bring-your-own-features mode needs --query-features, --db-features and --gnd")
         queries, database, gnd = load_features(query_features), load_features(db_features), load_gnd(gnd_file)
         data = {"query_features": str(query_features), "db_features": str(db_features), "gnd": str(gnd_file)}
     else:
-        if root is None:
+        if not opts.data:
             raise UsageError("give --data ROOT (revisitop layout) or --query-features/--db-features/--gnd")
         backbone, info = src.backbone()
-        queries, database, gnd = retrieval_features(backbone, info, root, dataset, src.torch_device(), imsize,
-                                                    multiscale, query_crop, FeatureCache(src.cache),
+        queries, database, gnd = retrieval_features(backbone, info, Path(opts.data), opts.dataset,
+                                                    src.torch_device(), opts.imsize, opts.multiscale, opts.query_crop,
+                                                    FeatureCache(src.cache),
                                                     _advance(progress, "retrieval features", None), src.workers)
-        data = {"root": str(root), "dataset": dataset}
+        data = {"root": str(Path(opts.data)), "dataset": opts.dataset}
     check_same_dim(queries, database, "query features", "database features")
     if len(queries.features) != len(gnd["gnd"]):
         raise UsageError(f"{len(queries.features)} query features but the ground truth has {len(gnd['gnd'])} queries")
     metrics = evaluate_retrieval(queries.features, database.features, gnd["gnd"])
-    config = {"dataset": dataset, "imsize": imsize, "multiscale": multiscale, "query_crop": query_crop}
+    config = {"dataset": opts.dataset, "imsize": opts.imsize, "multiscale": opts.multiscale,
+              "query_crop": opts.query_crop}
     return report("retrieval", metrics, config, info, data, started)

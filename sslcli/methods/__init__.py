@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sslcli.config import MethodConfig, ModelConfig
 from sslcli.errors import ConfigError, hint
-from sslcli.methods.base import Method, StepOutput
+from sslcli.methods.base import Method, StepContext, StepOutput
 from sslcli.methods.dino import DINO
 from sslcli.methods.simsiam import SimSiam
 
@@ -18,4 +18,4 @@ def build_method(model_cfg: ModelConfig, method_cfg: MethodConfig, epochs: int, 
     return METHODS[method_cfg.name](model_cfg, method_cfg, epochs, steps_per_epoch)
 
 
-__all__ = ["METHODS", "Method", "StepOutput", "build_method"]
+__all__ = ["METHODS", "Method", "StepContext", "StepOutput", "build_method"]

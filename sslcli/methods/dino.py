@@ -8,61 +8,37 @@ average of the student without drop-path, sees the two global crops. The loss is
   per iteration; the centre is updated with the global-batch mean of the teacher logits
   c <- center_momentum * c + (1 - center_momentum) * mean(t) (all-reduced across processes).
 The teacher temperature warms up linearly per epoch (warmup_teacher_temp -> teacher_temp).
-During the first `freeze_last_layer` epochs the head's last layer gets no update.
+During the first `freeze_last_layer` epochs the head's last layer gets no update. The head's
+last layer and the loss run in fp32 under bf16 autocast.
 
-Config fields used: MethodConfig.{out_dim, hidden_dim, bottleneck_dim, head_layers,
-use_bn_in_head, norm_last_layer, student_temp, teacher_temp, warmup_teacher_temp,
-warmup_teacher_temp_epochs, center_momentum, momentum_teacher, momentum_teacher_end,
-freeze_last_layer}; ModelConfig for the backbone.
+Collapse checks (`health`): a uniform teacher (per-image entropy near log K with KL ~ 0:
+centering dominates) and one prototype for the whole batch (marginal entropy ~ 0: sharpening
+dominates), plus the base class's dead-embedding check.
+
+Config: DINOConfig (all fields); ModelConfig for the backbone.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import math
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from sslcli import diagnostics
-from sslcli.config import MethodConfig, ModelConfig
+from sslcli.config import DINOConfig, ModelConfig
+from sslcli.data import Batch
 from sslcli.losses import dino_loss
-from sslcli.methods.base import StepOutput
-from sslcli.models import Backbone, DINOHead, create_backbone
+from sslcli.methods.base import Method, StepContext, StepOutput
+from sslcli.models import Backbone, DINOHead, MultiCropNetwork, create_backbone, ema_update
 from sslcli.schedules import cosine_schedule, teacher_temperature_schedule
 
 
-class MultiCropNetwork(nn.Module):
-    """Backbone + head over a list of crops of possibly different sizes.
-
-    Consecutive crops of the same resolution are concatenated into one backbone pass (so 2 x 224
-    and 10 x 96 cost two passes), the head runs once on everything.
-    """
-
-    def __init__(self, backbone: Backbone, head: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, crops: list[Tensor]) -> tuple[list[Tensor], Tensor]:
-        """crops: views [B, 3, H_v, W_v] -> (logits per view [B, K], backbone features [V*B, D])."""
-        feats = []
-        start = 0
-        while start < len(crops):
-            end = start + 1
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-                end += 1
-            feats.append(self.backbone(torch.cat(crops[start:end])))
-            start = end
-        feats = torch.cat(feats)  # (V*B, D)
-        logits = self.head(feats)  # (V*B, K)
-        return list(logits.chunk(len(crops))), feats
-
-
-class DINO(nn.Module):
+class DINO(Method):
     """Student, EMA teacher and centre; see the module docstring for the equations."""
 
-    def __init__(self, model_cfg: ModelConfig, cfg: MethodConfig, epochs: int, steps_per_epoch: int):
+    def __init__(self, model_cfg: ModelConfig, cfg: DINOConfig, epochs: int, steps_per_epoch: int):
         super().__init__()
         self.cfg = cfg
         self.student = self._network(model_cfg, cfg, drop_path_rate=None)
@@ -73,42 +49,36 @@ class DINO(nn.Module):
         self.momentum = cosine_schedule(cfg.momentum_teacher, cfg.momentum_teacher_end, epochs, steps_per_epoch)
         self.teacher_temp = teacher_temperature_schedule(
             cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs, epochs)
-        self.__dict__["student_forward"] = self.student  # replaced by a DDP wrapper when distributed
 
     @staticmethod
-    def _network(model_cfg: ModelConfig, cfg: MethodConfig, drop_path_rate: float | None) -> MultiCropNetwork:
+    def _network(model_cfg: ModelConfig, cfg: DINOConfig, drop_path_rate: float | None) -> MultiCropNetwork:
         backbone = create_backbone(model_cfg, drop_path_rate=drop_path_rate)
         head = DINOHead(backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
                         cfg.head_layers, cfg.use_bn_in_head, cfg.norm_last_layer)
         return MultiCropNetwork(backbone, head)
 
     @property
-    def teacher_backbone(self) -> Backbone:
-        """The network evaluated after training (k-NN monitor, export)."""
+    def evaluated_backbone(self) -> Backbone:
         return self.teacher.backbone
 
-    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
-        """Route student forward passes through `wrap(student)` (DDP); state_dict keys unchanged."""
-        self.__dict__["student_forward"] = wrap(self.student)
-
-    def constant_lr_parameters(self) -> list[nn.Parameter]:
-        """Every student parameter follows the lr schedule."""
-        return []
-
-    def loss(self, crops: list[Tensor], epoch: int, with_stats: bool = False) -> StepOutput:
-        """crops: 2 global views then the local views, each [B, 3, H, W]."""
+    def loss(self, batch: Batch, ctx: StepContext) -> StepOutput:
+        """Teacher on the global views, student on every view; centre update in after_step."""
         with torch.no_grad():
-            teacher_logits, teacher_feats = self.teacher(crops[:2])
-        student_logits, _ = self.student_forward(crops)
-        temp = self.teacher_temp[epoch]
+            teacher_logits, teacher_feats = self.teacher(batch.global_views)
+        student_logits, _ = self.student_forward(batch.views)
+        temp = self.teacher_temp[ctx.epoch]
         loss = dino_loss(student_logits, teacher_logits, self.center, self.cfg.student_temp, temp)
-        anchor = teacher_feats[: crops[0].shape[0]].detach()  # (B, D) teacher CLS of global view 1
-        stats = self._stats(teacher_logits, loss, temp, anchor) if with_stats else {}
-        self._update_center(teacher_logits)
-        return StepOutput(loss, {"dino": loss.detach()}, stats, anchor)
+        anchor = teacher_feats[: batch.size].detach()  # (B, D) teacher CLS of global view 1
+        stats = self._stats(teacher_logits, loss, temp, anchor) if ctx.with_stats else {}
+        scalars = {"momentum": self._momentum(ctx.step), "teacher_temp": temp}
+        return StepOutput(loss, {"dino": loss.detach()}, scalars, stats, anchor, {"teacher_logits": teacher_logits})
+
+    def _momentum(self, step: int) -> float:
+        return self.momentum[min(step, len(self.momentum) - 1)]
 
     @torch.no_grad()
     def _update_center(self, teacher_logits: list[Tensor]) -> None:
+        """c <- m c + (1 - m) mean of the global batch's teacher logits (all-reduced)."""
         batch_center = torch.cat(teacher_logits).float().sum(0, keepdim=True)  # (1, K)
         count = torch.tensor(float(sum(t.shape[0] for t in teacher_logits)), device=batch_center.device)
         if dist.is_available() and dist.is_initialized():
@@ -128,17 +98,26 @@ class DINO(nn.Module):
                 "kl": loss.detach() - teacher_entropy,
                 "embed_std": diagnostics.embedding_std(anchor), "embed_rank": diagnostics.effective_rank(anchor)}
 
-    def cancel_gradients(self, epoch: int) -> None:
+    def health(self, record: dict) -> list[tuple[str, str]]:
+        found = []
+        entropy = record.get("teacher_entropy")
+        if entropy is not None and record.get("kl", 1.0) < 1e-3 and entropy > 0.9 * math.log(self.cfg.out_dim):
+            found.append(("uniform", "teacher output is near uniform and KL ~ 0: collapse "
+                                     "(centering dominates; lower the teacher temperature?)"))
+        marginal = record.get("teacher_marginal_entropy")
+        if marginal is not None and marginal < 0.1:  # sharp per image is fine; one prototype for all is not
+            found.append(("onehot", "the teacher puts the whole batch on one prototype: collapse "
+                                    "(sharpening dominates; check centering / temperature)"))
+        return found + super().health(record)
+
+    def cancel_gradients(self, ctx: StepContext) -> None:
         """freeze_last_layer: drop the head's last-layer gradients during the first epochs."""
-        if epoch < self.cfg.freeze_last_layer:
+        if ctx.epoch < self.cfg.freeze_last_layer:
             for p in self.student.head.last_layer.parameters():
                 p.grad = None
 
     @torch.no_grad()
-    def after_step(self, step: int) -> None:
-        """EMA update of the teacher with the momentum of iteration `step` (0-based)."""
-        m = self.momentum[min(step, len(self.momentum) - 1)]
-        teacher = [p for p in self.teacher.parameters()]
-        student = [p.detach() for p in self.student.parameters()]
-        torch._foreach_mul_(teacher, m)
-        torch._foreach_add_(teacher, student, alpha=1 - m)
+    def after_step(self, ctx: StepContext, out: StepOutput) -> None:
+        """Centre from this step's teacher logits, then the teacher EMA with this step's momentum."""
+        self._update_center(out.state["teacher_logits"])
+        ema_update(self.teacher, self.student, self._momentum(ctx.step))

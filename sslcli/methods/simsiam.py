@@ -11,29 +11,30 @@ SGD momentum 0.9, weight decay 1e-4 on every parameter (optim.decay_norm_and_bia
 256 images, cosine per epoch without warm-up (optim.schedule_unit: epoch); with fix_pred_lr the
 predictor keeps the scaled base lr for the whole run (`constant_lr_parameters`).
 
-The evaluated network is the encoder's backbone (`teacher_backbone`; there is only one network).
+The evaluated network is the encoder's backbone (`evaluated_backbone`; there is only one network).
 Anchor for neighbour bootstrapping: the backbone feature of view 1 without gradient (the same
 forward pass, detached, so BatchNorm running statistics are updated once per view).
 Backbone: `create_backbone(model_cfg)`. The authors' ResNet-50 uses zero-init residual
 (torchvision `zero_init_residual=True`: the last BN scale of every residual block starts at 0);
 timm's ResNet does the same by default (`zero_init_last=True`), with the same kaiming-normal
-(fan_out) conv init. SyncBN across GPUs is the training engine's conversion of `student`.
+(fan_out) conv init. SyncBN across GPUs is the training engine's conversion of every network.
+RandomResizedCrop is bilinear in the SimSiam presets (MoCo-v2's augmentation; data.interpolation).
+Collapse check: the base class's, on `embed_std` = the std of the L2-normalised projector output z
+(the paper's collapse signal, Sec. 4.1).
 
-Config fields used: MethodConfig.{hidden_dim, out_dim, pred_dim, fix_pred_lr} (the paper: 2048,
-2048, 512, true); ModelConfig for the backbone.
+Config: SimSiamConfig {hidden_dim, out_dim, pred_dim, fix_pred_lr} (the paper: 2048, 2048, 512,
+true); ModelConfig for the backbone. Exactly two views (checked when the config is loaded).
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 from torch import Tensor, nn
 
 from sslcli import diagnostics
-from sslcli.config import MethodConfig, ModelConfig
-from sslcli.errors import ConfigError
+from sslcli.config import ModelConfig, SimSiamConfig
+from sslcli.data import Batch
 from sslcli.losses import simsiam_loss
-from sslcli.methods.base import StepOutput
+from sslcli.methods.base import Method, StepContext, StepOutput
 from sslcli.models import Backbone, SimSiamPredictor, SimSiamProjector, create_backbone
 
 
@@ -57,41 +58,33 @@ class SiameseNetwork(nn.Module):
         return p1, p2, z1, z2, f1
 
 
-class SimSiam(nn.Module):
+class SimSiam(Method):
     """Encoder and predictor; see the module docstring for the equations."""
 
-    def __init__(self, model_cfg: ModelConfig, cfg: MethodConfig, epochs: int, steps_per_epoch: int):
+    def __init__(self, model_cfg: ModelConfig, cfg: SimSiamConfig, epochs: int, steps_per_epoch: int):
         super().__init__()
         self.cfg = cfg
         backbone = create_backbone(model_cfg)
         projector = SimSiamProjector(backbone.embed_dim, cfg.hidden_dim, cfg.out_dim)
         predictor = SimSiamPredictor(cfg.out_dim, cfg.pred_dim)
         self.student = SiameseNetwork(backbone, projector, predictor)
-        self.__dict__["student_forward"] = self.student  # replaced by a DDP wrapper when distributed
 
     @property
-    def teacher_backbone(self) -> Backbone:
-        """The network evaluated after training (k-NN monitor, export): the encoder's backbone."""
+    def evaluated_backbone(self) -> Backbone:
         return self.student.backbone
-
-    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
-        """Route student forward passes through `wrap(student)` (DDP); state_dict keys unchanged."""
-        self.__dict__["student_forward"] = wrap(self.student)
 
     def constant_lr_parameters(self) -> list[nn.Parameter]:
         """fix_pred_lr: the predictor's parameters keep the scaled base lr for the whole run."""
         return list(self.student.predictor.parameters()) if self.cfg.fix_pred_lr else []
 
-    def loss(self, crops: list[Tensor], epoch: int, with_stats: bool = False) -> StepOutput:
-        """crops: exactly the 2 views, each [B, 3, H, W] (no local crops)."""
-        if len(crops) != 2:
-            raise ConfigError(f"SimSiam takes exactly 2 views per image, got {len(crops)} "
-                              "(set data.local_crops=0)")
-        p1, p2, z1, z2, f1 = self.student_forward(crops[0], crops[1])
+    def loss(self, batch: Batch, ctx: StepContext) -> StepOutput:
+        """The two global views of the batch, each [B, 3, H, W]."""
+        x1, x2 = batch.global_views
+        p1, p2, z1, z2, f1 = self.student_forward(x1, x2)
         loss = simsiam_loss(p1, p2, z1, z2)
         anchor = f1.detach()  # (B, D) encoder backbone feature of view 1, no gradient
-        stats = self._stats(z1, anchor) if with_stats else {}
-        return StepOutput(loss, {"simsiam": loss.detach()}, stats, anchor)
+        stats = self._stats(z1, anchor) if ctx.with_stats else {}
+        return StepOutput(loss, {"simsiam": loss.detach()}, stats=stats, anchor=anchor)
 
     @staticmethod
     def _stats(z1: Tensor, anchor: Tensor) -> dict[str, Tensor]:
@@ -100,9 +93,3 @@ class SimSiam(nn.Module):
         z1 = z1.detach()  # (B, out_dim)
         return {"embed_std": diagnostics.embedding_std(z1), "embed_rank": diagnostics.effective_rank(z1),
                 "backbone_std": diagnostics.embedding_std(anchor)}
-
-    def cancel_gradients(self, epoch: int) -> None:
-        """Nothing is frozen for a while in SimSiam."""
-
-    def after_step(self, step: int) -> None:
-        """No EMA, centre or memory to update."""

@@ -1,6 +1,9 @@
-"""Backbones (timm behind one features API) and heads."""
+"""Backbones (timm behind one features API), heads, the multi-crop network and the EMA update."""
 
 from sslcli.models.backbone import Backbone, create_backbone
+from sslcli.models.ema import ema_update
 from sslcli.models.heads import DINOHead, SimSiamPredictor, SimSiamProjector
+from sslcli.models.multicrop import MultiCropNetwork
 
-__all__ = ["Backbone", "create_backbone", "DINOHead", "SimSiamPredictor", "SimSiamProjector"]
+__all__ = ["Backbone", "create_backbone", "ema_update", "DINOHead", "MultiCropNetwork", "SimSiamPredictor",
+           "SimSiamProjector"]

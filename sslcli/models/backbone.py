@@ -1,20 +1,29 @@
-"""timm backbones behind one features API (spec: methods.md "Backbone features API").
+"""timm backbones behind one features API (docs/methods.md, "Backbones").
 
 `Backbone(x)` -> the global feature [B, D]: the CLS token after the final norm for ViTs, the
-pooled vector for CNNs / Swin. `forward_features(x)` -> {"cls": [B, D], "patch": [B, N, D]}
-(patch tokens after the final norm; CNN feature maps flattened to tokens).
-`last_blocks(x, n)` -> the last n blocks' outputs each through the final norm, as a list of
-(cls [B, D], patch [B, N, D]) pairs (ViTs only), used by the linear probe.
+pooled vector for CNNs / Swin. `forward_tokens(x, masks)` -> (cls [B, D], patch [B, N, D]):
+patch tokens after the final norm, registers excluded; `masks` [B, N] bool replaces the masked
+patch embeddings by a learned mask token before the position embedding is added (iBOT / DINOv2
+masked modelling). The mask token belongs to this wrapper, not to the timm model, so an exported
+backbone stays a plain timm state dict. `forward_features(x)` -> {"cls", "patch"} (the evals).
+`last_blocks(x, n)` -> the last n blocks' outputs through the final norm (the linear probe).
 
-ViTs are created with timm's `dynamic_img_size=True`, so positional embeddings are interpolated
-and 96-px local crops run through the same network as 224-px global crops (Swin: with
-`strict_img_size=False`, its windows are padded).
+ViT fidelity choices (ModelConfig keys):
+- `pos_embed_resample`: crops of another size than the model's (96-px local crops, eval frames)
+  get position embeddings resampled as DINO does: bicubic, scale factor (g + 0.1) / g0 per grid
+  axis (g the new grid side, g0 the trained one), no antialiasing (`dino`) or with it
+  (`antialias`, the DINOv2 family). timm's own dynamic resampling antialiases to the exact size,
+  which gives different values. DINO's code applies the width factor to the height axis; the two
+  agree for square crops (all training crops) and this module maps each axis to its own factor.
+- `vit_token_init: dino`: cls_token trunc-normal std 0.02 like pos_embed (timm: std 1e-6).
 """
 
 from __future__ import annotations
 
 import timm
 import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from sslcli.config import ModelConfig
@@ -27,15 +36,34 @@ def is_vit_arch(arch: str) -> bool:
     return arch.startswith(VIT_PREFIXES)
 
 
+def resample_pos_embed(pos_embed: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], prefix: int,
+                       antialias: bool) -> Tensor:
+    """[1, prefix + gh*gw, D] -> [1, prefix + h*w, D], DINO's bicubic resampling with offset 0.1."""
+    if tuple(new_grid) == tuple(old_grid):
+        return pos_embed
+    (gh, gw), (h, w) = old_grid, new_grid
+    head, grid = pos_embed[:, :prefix], pos_embed[:, prefix:]
+    dim = grid.shape[-1]
+    grid = grid.reshape(1, gh, gw, dim).permute(0, 3, 1, 2).float()  # (1, D, gh, gw)
+    grid = F.interpolate(grid, scale_factor=((h + 0.1) / gh, (w + 0.1) / gw), mode="bicubic",
+                         align_corners=False, antialias=antialias)
+    grid = grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, h * w, dim)  # (1, h*w, D)
+    return torch.cat([head, grid], dim=1)
+
+
 class Backbone(nn.Module):
     """A timm model without classifier, exposing cls / patch / last-blocks features."""
 
-    def __init__(self, model: nn.Module, arch: str):
+    def __init__(self, model: nn.Module, arch: str, pos_embed_resample: str = "dino", mask_token: bool = False):
         super().__init__()
         self.model = model
         self.arch = arch
         self.embed_dim: int = model.num_features
         self.is_vit = hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens")
+        self.antialias = pos_embed_resample == "antialias"
+        # Our own token path (masks, DINO's resampling) for timm's plain VisionTransformer.
+        self.own_tokens = isinstance(model, VisionTransformer) and model.pos_embed is not None
+        self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim)) if mask_token else None
 
     @property
     def patch_size(self) -> int:
@@ -46,17 +74,20 @@ class Backbone(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, 3, H, W] -> [B, D]."""
-        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return self.model.forward_head(self._tokens(x), pre_logits=True)
 
-    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
-        feats = self.model.forward_features(x)
+    def forward_tokens(self, x: Tensor, masks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """[B, 3, H, W] (and masks [B, N] bool) -> (cls [B, D], patch tokens [B, N, D])."""
+        feats = self._tokens(x, masks)
         cls = self.model.forward_head(feats, pre_logits=True)
         if self.is_vit:
-            patch = feats[:, self.model.num_prefix_tokens:]  # (B, N, D)
-        elif feats.ndim == 4 and feats.shape[-1] == self.embed_dim and feats.shape[1] != self.embed_dim:
-            patch = feats.flatten(1, 2)  # NHWC (Swin) -> (B, H*W, D)
-        else:
-            patch = feats.flatten(2).transpose(1, 2)  # NCHW -> (B, H*W, D)
+            return cls, feats[:, self.model.num_prefix_tokens:]  # registers excluded
+        if feats.ndim == 4 and feats.shape[-1] == self.embed_dim and feats.shape[1] != self.embed_dim:
+            return cls, feats.flatten(1, 2)  # NHWC (Swin) -> (B, H*W, D)
+        return cls, feats.flatten(2).transpose(1, 2)  # NCHW -> (B, H*W, D)
+
+    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
+        cls, patch = self.forward_tokens(x)
         return {"cls": cls, "patch": patch}
 
     def last_blocks(self, x: Tensor, n: int) -> list[tuple[Tensor, Tensor]]:
@@ -66,11 +97,40 @@ class Backbone(nn.Module):
             x, indices=n, norm=True, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True)
         return [(prefix[:, 0], patch) for patch, prefix in out]
 
+    def _tokens(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
+        """timm's forward_features, with masking and DINO's position-embedding resampling for ViTs."""
+        if masks is not None and (self.mask_token is None or not self.own_tokens):
+            raise ConfigError(f"masked forward needs a ViT backbone created with a mask token, got '{self.arch}'")
+        if not self.own_tokens:
+            return self.model.forward_features(x)
+        m = self.model
+        x = m.patch_embed(x)  # (B, h, w, D) with dynamic_img_size, else (B, N, D)
+        grid = tuple(x.shape[1:3]) if x.ndim == 4 else tuple(m.patch_embed.grid_size)
+        x = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, N, D)
+        if masks is not None:
+            x = torch.where(masks.reshape(x.shape[0], -1, 1), self.mask_token.to(x.dtype), x)
+        x = self._add_pos_embed(x, grid)
+        x = m.norm_pre(m.patch_drop(x))
+        return m.norm(m.blocks(x))  # (B, prefix + N, D)
 
-def create_backbone(cfg: ModelConfig, drop_path_rate: float | None = None) -> Backbone:
+    def _add_pos_embed(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Prefix tokens and position embeddings, in timm's order for the model's no_embed_class."""
+        m = self.model
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (m.cls_token, m.reg_token) if t is not None]
+        pos = resample_pos_embed(m.pos_embed, tuple(m.patch_embed.grid_size), grid,
+                                 0 if m.no_embed_class else m.num_prefix_tokens, self.antialias)
+        if m.no_embed_class:
+            x = torch.cat(prefix + [x + pos], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + pos
+        return m.pos_drop(x)
+
+
+def create_backbone(cfg: ModelConfig, drop_path_rate: float | None = None, mask_token: bool = False) -> Backbone:
     """timm.create_model(cfg.arch, **cfg.kwargs) without classifier; no weights are downloaded.
 
-    drop_path_rate overrides cfg.drop_path_rate (the DINO teacher uses 0).
+    drop_path_rate overrides cfg.drop_path_rate (the DINO teacher uses 0). mask_token: give the
+    backbone a learned mask token for masked forwards (methods with masked image modelling).
     """
     if not timm.is_model(cfg.arch):
         raise ConfigError(f"unknown model.arch '{cfg.arch}'{hint(cfg.arch, timm.list_models())}")
@@ -84,7 +144,9 @@ def create_backbone(cfg: ModelConfig, drop_path_rate: float | None = None) -> Ba
         model = timm.create_model(cfg.arch, pretrained=False, num_classes=0, **kwargs)
     except TypeError as e:
         raise ConfigError(f"model.kwargs not accepted by '{cfg.arch}': {e}") from None
-    return Backbone(model, cfg.arch)
+    if cfg.vit_token_init == "dino" and getattr(model, "cls_token", None) is not None:
+        nn.init.trunc_normal_(model.cls_token, std=0.02)  # DINO's init (timm: normal std 1e-6)
+    return Backbone(model, cfg.arch, cfg.pos_embed_resample, mask_token)
 
 
 @torch.no_grad()

@@ -3,7 +3,8 @@
 DINOHead (Caron et al. 2021, Sec. 3.1 / appendix): MLP in -> hidden -> hidden -> bottleneck
 (GELU between, optional BN), trunc-normal(0.02) init, zero bias; L2-normalise the bottleneck;
 then a weight-normalised linear layer bottleneck -> K without bias. With norm_last_layer the
-gain is frozen at 1, so logits are cosines to K unit-norm prototypes.
+gain is frozen at 1, so logits are cosines to K unit-norm prototypes. The last layer runs in fp32
+under autocast (the MLP follows the autocast dtype).
 
 SimSiamProjector / SimSiamPredictor (Chen & He 2021, Sec. 4.1 and the authors' simsiam/builder.py):
 BN-MLPs with PyTorch's default Linear / BN initialisation (the authors' code keeps torchvision's).
@@ -63,7 +64,10 @@ class DINOHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.normalize(self.mlp(x), dim=-1)  # (B, bottleneck_dim), unit norm
-        return self.last_layer(x)
+        # fp32 even under bf16 autocast: bf16 logits are rounded before the loss's fp32 softmax,
+        # which at teacher temperature 0.04 visibly moves the teacher distribution.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.last_layer(x.float())  # (B, K) float32
 
 
 def _init_linear(m: nn.Module) -> None:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sslcli import errors
+from sslcli.device import pick_device
 
 
 @dataclass
@@ -37,16 +38,6 @@ class DistEnv:
 
 def in_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
-
-
-def pick_device(kind: str, local_rank: int) -> torch.device:
-    """kind: auto (cuda if available) | cpu | cuda."""
-    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise errors.UsageError("--device cuda requested but no CUDA GPU is visible")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def init_distributed(device_kind: str) -> DistEnv:

@@ -1,37 +1,24 @@
-"""The training loop, one for all methods (DESIGN.md "Training engine").
-
-Per batch: method.loss -> backward -> cancel frozen grads -> per-parameter clip -> optimizer step
--> method.after_step (EMA, centre). Schedules are precomputed per iteration. The step has no host
-syncs: loss sums, divergence flags and diagnostics stay on the device and are read only every
-`train.log_every` steps (and at epoch ends), when a metrics.jsonl line is written.
-
-Checkpoints: `last.safetensors` at every epoch end (and on Ctrl-C, at the last completed step),
-`epoch-NNNN.safetensors` every `checkpoint_every` epochs. A checkpoint is written only after the
-divergence guard has confirmed every step since the previous one was finite, so the last
-checkpoint on disk is always good. Resume restores everything (weights, optimizer, method state,
-RNG of every rank, sampler position, log-interval accumulators): the resumed loss sequence equals
-the uninterrupted one.
+"""Pieces of the training loop (sslcli.train.trainer): schedules, the divergence guard, Ctrl-C
+handling and the loop's counters.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from sslcli.config import Config, OptimConfig
+from sslcli.config import OptimConfig
 from sslcli.errors import TrainingError
-from sslcli.methods import Method, StepOutput
+from sslcli.methods import StepOutput
 from sslcli.schedules import cosine_schedule, epoch_cosine_schedule
-from sslcli.train.optim import clip_gradients_per_param, scaled_lr, set_lr_wd
+from sslcli.train.optim import scaled_lr
 
 log = logging.getLogger("sslcli.train")
 
@@ -126,56 +113,10 @@ class LoopState:
     images: int = 0
     bad_images: int = 0
     last_checkpoint: Path | None = None
-    stats: dict[str, Tensor] = field(default_factory=dict)
+    stats: dict[str, Tensor] = field(default_factory=dict)  # diagnostics of the last log step
+    scalars: dict[str, float] = field(default_factory=dict)  # the method's logged values of the last step
     last_record: dict = field(default_factory=dict)
     epoch_record: dict = field(default_factory=dict)  # last per-epoch figures (bootstrap_ratio, nn_acc, ...)
-
-
-def autocast_context(precision: str, device: torch.device):
-    """bf16 autocast on GPUs that support it ('auto' or 'bf16'), nothing (fp32) elsewhere."""
-    if device.type == "cuda" and precision in ("auto", "bf16") and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if precision == "bf16" and device.type == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def train_step(method: Method, optimizer: torch.optim.Optimizer, crops: list[Tensor], epoch: int,
-               lr: float, wd: float, clip: float, precision: str, with_stats: bool) -> StepOutput:
-    """One optimizer step on one batch of views; no host syncs."""
-    set_lr_wd(optimizer, lr, wd)
-    with autocast_context(precision, crops[0].device):
-        out = method.loss(crops, epoch, with_stats)
-    optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
-    method.cancel_gradients(epoch)
-    clip_gradients_per_param([p for g in optimizer.param_groups for p in g["params"]], clip)
-    optimizer.step()
-    return out
-
-
-def log_record(cfg: Config, state: LoopState, epoch: int, sched: Schedules, method: Method) -> dict:
-    """The metrics.jsonl line of the interval that just closed (host sync happens here)."""
-    i = state.step - 1
-    seconds = max(state.data_wait + state.compute, 1e-9)
-    loss_sum = state.loss_sum.detach().clone()
-    if dist.is_available() and dist.is_initialized():  # the global batch's loss, not rank 0's half
-        dist.all_reduce(loss_sum)
-        loss_sum /= dist.get_world_size()
-    record = {
-        "epoch": epoch, "step": state.step,
-        "loss": float(loss_sum.item()) / max(state.count, 1),
-        "lr": sched.lr[i], "wd": sched.wd[i],
-        "momentum": getattr(method, "momentum", [None] * (i + 1))[i],
-        "img_per_s": state.images / seconds,
-        "data_wait": state.data_wait / seconds,
-        "bad_images": state.bad_images,
-    }
-    temps = getattr(method, "teacher_temp", None)
-    if temps is not None:
-        record["teacher_temp"] = temps[min(epoch, len(temps) - 1)]
-    record.update({k: float(v.item()) for k, v in state.stats.items()})
-    return record
 
 
 def reset_interval(state: LoopState) -> None:
@@ -183,23 +124,6 @@ def reset_interval(state: LoopState) -> None:
     state.count = 0
     state.data_wait = state.compute = 0.0
     state.images = 0
-
-
-def health_warnings(record: dict, out_dim: int, embed_dim: int) -> list[tuple[str, str]]:
-    """(kind, message) pairs for collapse signals in a metrics record (checked after epoch 0)."""
-    found = []
-    entropy = record.get("teacher_entropy")
-    if entropy is not None and record.get("kl", 1.0) < 1e-3 and entropy > 0.9 * math.log(out_dim):
-        found.append(("uniform", "teacher output is near uniform and KL ~ 0: collapse "
-                                 "(centering dominates; lower the teacher temperature?)"))
-    marginal = record.get("teacher_marginal_entropy")
-    if marginal is not None and marginal < 0.1:  # sharp per image is fine; the same prototype for all is not
-        found.append(("onehot", "the teacher puts the whole batch on one prototype: collapse "
-                                "(sharpening dominates; check centering / temperature)"))
-    std = record.get("embed_std")
-    if std is not None and std < 0.1 / math.sqrt(embed_dim):
-        found.append(("std", f"teacher embedding std {std:.2e} << 1/sqrt(d): representation collapse"))
-    return found
 
 
 def timed(clock: list[float]) -> float:

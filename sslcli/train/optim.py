@@ -1,4 +1,4 @@
-"""Optimizers, parameter groups and DINO's per-parameter gradient clipping.
+"""Optimizers, parameter groups (lr and weight-decay multipliers) and gradient clipping.
 
 Weight decay applies to weights only: biases and every 1-D parameter (norm scales) get none;
 cls_token and pos_embed are decayed (DINO's `get_params_groups`). With
@@ -8,15 +8,19 @@ x batch/256, DINO family and SimSiam; `sqrt`: x sqrt(batch/1024), DINOv2; `none`
 set per iteration from the schedules, except in groups holding the method's constant-lr parameters
 (`Method.constant_lr_parameters()`, e.g. SimSiam's predictor with fix_pred_lr): those carry
 `"constant_lr": <scaled base lr>` and keep that lr for the whole run (their wd still follows the
-schedule, as in the authors' `adjust_learning_rate`).
+schedule, as in the authors' `adjust_learning_rate`). Every group carries `lr_mult` (layer-wise lr
+decay, patch-embedding multiplier: `optim.layer_decay`, `optim.patch_embed_lr_mult`) and
+`wd_mult` (0 for biases and norms); `set_lr_wd` applies both every iteration.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Iterable
 
 import torch
+from timm.models import group_parameters
 from torch import Tensor, nn
 
 from sslcli.config import OptimConfig
@@ -30,32 +34,62 @@ def scaled_lr(cfg: OptimConfig) -> float:
     return cfg.lr
 
 
-def param_groups(model: nn.Module, decay_norm_and_bias: bool = False, constant_lr: Iterable[nn.Parameter] = (),
-                 base_lr: float = 0.0) -> list[dict]:
-    """Parameter groups; frozen parameters are left out and empty groups dropped.
+def layer_ids(student: nn.Module) -> tuple[dict[str, int], int]:
+    """(parameter name -> layer id, L) for layer-wise lr decay, DINOv2's numbering.
 
-    Default: [decayed weights, non-decayed biases and 1-D params]. decay_norm_and_bias: everything
-    in the decayed group. Parameters in `constant_lr` go to groups of their own (same decay split)
-    marked `"constant_lr": base_lr`, after the scheduled ones.
+    Backbone parameters are numbered by timm's `group_matcher` (patch embedding and tokens 0,
+    block k -> k + 1); everything after the last block (the backbone's final norm, the heads) is
+    L + 1. The backbone's mask token counts as a token (0).
+    """
+    model = student.backbone.model
+    matcher = model.group_matcher(coarse=False)
+    ids = group_parameters(model, matcher, reverse=True)  # name -> 0..L (final norm merged into L)
+    after = [re.compile(rx) for rx, suffix in matcher.get("blocks", []) if isinstance(suffix, tuple)]
+    blocks = max((i for n, i in ids.items() if not any(r.match(n) for r in after)), default=0)
+    out = {}
+    for name, _ in student.named_parameters():
+        inner = name.removeprefix("backbone.model.")
+        if inner != name and inner in ids and not any(r.match(inner) for r in after):
+            out[name] = ids[inner]
+        else:
+            out[name] = 0 if name == "backbone.mask_token" else blocks + 1
+    return out, blocks
+
+
+def lr_multipliers(student: nn.Module, cfg: OptimConfig) -> dict[str, float]:
+    """Parameter name -> lr multiplier: layer_decay^(L + 1 - layer id), x patch_embed_lr_mult for
+    the patch embedding. Empty when both are 1 (every multiplier 1)."""
+    if cfg.layer_decay == 1.0 and cfg.patch_embed_lr_mult == 1.0:
+        return {}
+    ids, num_layers = layer_ids(student)
+    return {name: cfg.layer_decay ** (num_layers + 1 - i) * (cfg.patch_embed_lr_mult if ".patch_embed." in name else 1.0)
+            for name, i in ids.items()}
+
+
+def param_groups(model: nn.Module, decay_norm_and_bias: bool = False, constant_lr: Iterable[nn.Parameter] = (),
+                 base_lr: float = 0.0, lr_mults: dict[str, float] | None = None) -> list[dict]:
+    """Parameter groups, each with `lr_mult` and `wd_mult`; frozen parameters are left out.
+
+    Default split: weights (wd_mult 1) and biases / 1-D params (wd_mult 0); decay_norm_and_bias
+    puts everything in the decayed split. `lr_mults` (name -> multiplier) splits further.
+    Parameters in `constant_lr` go to groups of their own marked `"constant_lr": base_lr`.
     """
     fixed = {id(p) for p in constant_lr}
     if fixed - {id(p) for p in model.parameters()}:
         raise ValueError("constant_lr parameters must be parameters of the optimised model")
-    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {(c, d): [] for c in (False, True) for d in (True, False)}
+    buckets: dict[tuple[bool, float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decayed = decay_norm_and_bias or not (name.endswith(".bias") or p.ndim == 1)
-        buckets[(id(p) in fixed, decayed)].append(p)
+        key = (id(p) in fixed, 1.0 if decayed else 0.0, (lr_mults or {}).get(name, 1.0))
+        buckets.setdefault(key, []).append(p)
     groups = []
-    for (constant, decayed), params in buckets.items():
-        group: dict = {"params": params, "apply_wd": decayed}
-        if not decayed:
-            group["weight_decay"] = 0.0
+    for (constant, wd_mult, lr_mult), params in sorted(buckets.items(), key=lambda kv: (kv[0][0], -kv[0][1], -kv[0][2])):
+        group: dict = {"params": params, "lr_mult": lr_mult, "wd_mult": wd_mult}
         if constant:
             group["constant_lr"] = base_lr
-        if params:
-            groups.append(group)
+        groups.append(group)
     return groups
 
 
@@ -93,7 +127,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
 
     constant_lr: parameters of `model` kept at the scaled base lr (`Method.constant_lr_parameters()`).
     """
-    groups = param_groups(model, cfg.decay_norm_and_bias, constant_lr, scaled_lr(cfg))
+    groups = param_groups(model, cfg.decay_norm_and_bias, constant_lr, scaled_lr(cfg), lr_multipliers(model, cfg))
     if cfg.name == "adamw":
         fused = device.type == "cuda"
         return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, fused=fused)
@@ -103,11 +137,26 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
 
 
 def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
-    """The scheduled lr and wd of one iteration; constant-lr groups keep their `constant_lr`."""
+    """The scheduled lr and wd of one iteration, times each group's multipliers; constant-lr
+    groups start from their `constant_lr` instead of `lr`."""
     for group in optimizer.param_groups:
-        group["lr"] = group.get("constant_lr", lr)
-        if group.get("apply_wd", True):
-            group["weight_decay"] = wd
+        group["lr"] = group.get("constant_lr", lr) * group.get("lr_mult", 1.0)
+        group["weight_decay"] = wd * group.get("wd_mult", 1.0)
+
+
+@torch.no_grad()
+def clip_gradients(student: nn.Module, max_norm: float, mode: str) -> None:
+    """`per_param`: each parameter tensor clipped on its own (DINO); `global`: one norm per
+    top-level sub-module of the student (backbone, head: DINOv2). No host syncs either way."""
+    if max_norm <= 0:
+        return
+    if mode == "per_param":
+        clip_gradients_per_param(list(student.parameters()), max_norm)
+        return
+    for child in student.children():
+        grads = [p for p in child.parameters() if p.grad is not None]
+        if grads:
+            torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True)
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@
 
 With `monitor.knn_every: E`, the teacher's top-1 on a labeled train/val pair is logged before
 training (epoch 0), every E epochs and at the end. When `knn_train`/`knn_val` are not given and the
-training data is `builtin:<name>`, its train/val splits are used. Runs on rank 0 only.
+training data is `builtin:<name>`, its train/val splits are used. Runs on rank 0 only. The
+training loop receives the class (it never imports eval): `pretrain(..., monitor=KnnMonitor)`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def monitor_splits(cfg: MonitorConfig, data_path: str | None) -> tuple[str, str]
 
 
 class KnnMonitor:
+    """`evaluate(backbone)` -> weighted k-NN top-1 (percent) on the monitor's splits."""
+
     def __init__(self, cfg: MonitorConfig, data: DataConfig, data_path: str, device: torch.device,
                  batch_size: int = 256, workers: int = 2):
         train_spec, val_spec = monitor_splits(cfg, data_path)

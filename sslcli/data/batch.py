@@ -1,0 +1,65 @@
+"""The typed batch the training engine receives (built by the loader's collate)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Batch:
+    """One process's share of a global batch, B images.
+
+    global_views: the G global views, each [B, 3, Hg, Wg]; view 1 is always a crop of image `ids`,
+      view 2 of image `second_ids` (neighbour bootstrapping; = ids without it).
+    local_views: the L local views, each [B, 3, Hl, Wl] (crops of `ids`).
+    ids, second_ids, labels: int64 [B] (labels -1 when unlabeled).
+    seeds: int64 [B], the per-(seed, epoch, image) seed every random draw of the sample came from.
+    masks: bool [G, B, N] patch masks of the global views, or None (methods without masking).
+    bad: int64 scalar, unreadable images skipped while building this batch.
+    """
+
+    global_views: list[Tensor]
+    local_views: list[Tensor]
+    ids: Tensor
+    second_ids: Tensor
+    labels: Tensor
+    seeds: Tensor
+    bad: Tensor
+    masks: Tensor | None = None
+
+    @classmethod
+    def from_views(cls, views: list[Tensor], global_views: int = 2) -> "Batch":
+        """A batch of ready views of images 0..B-1 (tests and benchmarks; no data loader)."""
+        b = views[0].shape[0]
+        ids = torch.arange(b)
+        return cls(list(views[:global_views]), list(views[global_views:]), ids, ids.clone(),
+                   torch.full((b,), -1), ids.clone(), torch.zeros((), dtype=torch.long))
+
+    @property
+    def views(self) -> list[Tensor]:
+        """Global views first, then local views (the order every loss uses)."""
+        return self.global_views + self.local_views
+
+    @property
+    def size(self) -> int:
+        return int(self.ids.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> "Batch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        """Called by DataLoader(pin_memory=True) in its pinning thread."""
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn) -> "Batch":
+        changes = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                changes[f.name] = fn(value)
+            elif isinstance(value, list):
+                changes[f.name] = [fn(t) for t in value]
+        return replace(self, **changes)

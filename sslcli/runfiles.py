@@ -1,0 +1,231 @@
+"""The one owner of sslcli's on-disk formats: run directories, checkpoints and exported backbones.
+
+Everything that writes or reads these files goes through this module (training, evals, export,
+`ssl neighbors`), so a format change is made here once.
+
+Run directory (`ssl pretrain --out DIR`):
+  config.yaml, metrics.jsonl, summary.json, run.log, index-*.json,
+  checkpoints/last.safetensors, checkpoints/epoch-NNNN.safetensors
+
+Training checkpoint: one safetensors file, no pickle. Tensor keys by section:
+  model/<key>        the method's state_dict (networks, centre, memories)
+  optim/<i>/<name>   optimizer state of parameter i
+  rng/<name>         every rank's RNG state, [world, L]
+  engine/<name>      loop accumulators
+  extra/<key>        other owned state (e.g. extra/bootstrap.window_ids)
+Header (all strings): format "sslcli-train", format_version, config (YAML), arch, epoch, step,
+world, time, optim_groups (JSON), backbone_prefix and student_backbone_prefix: the state-dict
+prefixes (under model/) of the timm model that evals and export use by default (the teacher for the
+DINO family, the encoder for SimSiam) and of the student's. Checkpoints written by sslcli 0.1.0
+(format "sslcli-train-1", no prefixes) still load: their prefixes follow from the method name.
+
+Exported backbone (`ssl export --format timm`): timm state-dict keys; header format
+"sslcli-export", format_version, arch, timm_kwargs, image_size, mean, std, preset, epoch, which,
+reported (0.1.0 wrote format "sslcli-export-1" with the same keys).
+
+Writes are atomic: a temporary file in the same folder, then os.replace.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from sslcli.config import Config
+from sslcli.errors import CheckpointError, ConfigError
+from sslcli.typed import from_dict
+
+TRAIN_FORMAT = "sslcli-train"
+EXPORT_FORMAT = "sslcli-export"
+FORMAT_VERSION = 2
+LEGACY_FORMATS = {"sslcli-train-1": TRAIN_FORMAT, "sslcli-export-1": EXPORT_FORMAT}  # sslcli 0.1.0 -> kind
+SECTIONS = ("model", "optim", "rng", "engine", "extra")
+WHICH = ("teacher", "student")
+
+CHECKPOINTS = "checkpoints"
+LAST = "last.safetensors"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+LOG_FILE = "run.log"
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    return run_dir / CHECKPOINTS / LAST
+
+
+def epoch_checkpoint(run_dir: Path, epoch: int) -> Path:
+    return run_dir / CHECKPOINTS / f"epoch-{epoch:04d}.safetensors"
+
+
+def resolve_weights_file(weights: str | Path) -> Path:
+    """A run directory -> its last checkpoint; a file -> itself. CheckpointError when missing."""
+    path = Path(weights)
+    if path.is_dir():
+        path = last_checkpoint(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights not found: '{weights}' (a run directory, a training checkpoint "
+                              "or an exported .safetensors file)")
+    return path
+
+
+def run_dir_of(checkpoint: Path) -> Path | None:
+    """The run directory holding `checkpoint` (DIR/checkpoints/x.safetensors), or None."""
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else None
+
+
+# ----------------------------------------------------------------------------- safetensors I/O
+
+
+def atomic_save(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
+    """safetensors write to a temp file next to `path`, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The string header of a safetensors file; CheckpointError when it is not one."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises several types for a non-safetensors file
+        raise CheckpointError(f"'{path}' is not a safetensors file ({type(e).__name__})") from None
+
+
+def read_tensors(path: Path, prefix: str = "") -> dict[str, Tensor]:
+    """Every tensor whose key starts with `prefix`, keyed without it."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
+
+def read_sections(path: Path) -> dict[str, dict[str, Tensor]]:
+    """All tensors of a training checkpoint split by section: {"model": {...}, "optim": ...}."""
+    out: dict[str, dict[str, Tensor]] = {s: {} for s in SECTIONS}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            section, _, rest = key.partition("/")
+            if section not in out:
+                raise CheckpointError(f"'{path}': unknown checkpoint section in key '{key}'")
+            out[section][rest] = f.get_tensor(key)
+    return out
+
+
+def write_sections(path: Path, sections: dict[str, dict[str, Tensor]], header: "CheckpointHeader",
+                   extra_meta: dict[str, str]) -> None:
+    """Inverse of read_sections: `section/key` tensors and the header, atomically."""
+    tensors = {f"{s}/{k}": v for s, entries in sections.items() for k, v in entries.items()}
+    atomic_save(tensors, {**extra_meta, **header.to_metadata()}, path)
+
+
+# ----------------------------------------------------------------------------- headers
+
+
+def format_of(meta: dict[str, str]) -> tuple[str | None, int]:
+    """(kind, version) of a header: kind TRAIN_FORMAT, EXPORT_FORMAT or None (not ours)."""
+    fmt = meta.get("format")
+    if fmt in LEGACY_FORMATS:
+        return LEGACY_FORMATS[fmt], 1
+    if fmt in (TRAIN_FORMAT, EXPORT_FORMAT):
+        return fmt, int(meta.get("format_version", FORMAT_VERSION))
+    return None, 0
+
+
+def parse_config(text: str, path: Path) -> Config:
+    """The run config stored in a checkpoint header or config.yaml."""
+    try:
+        return from_dict(Config, _legacy_config(yaml.safe_load(text)))
+    except (ConfigError, yaml.YAMLError, TypeError) as e:
+        raise CheckpointError(f"'{path}' has an unreadable config ({e})") from None
+
+
+def _legacy_config(data: dict) -> dict:
+    """0.1.0 wrote every method field for every method (one MethodConfig): keep the method's own."""
+    method = data.get("method")
+    if isinstance(method, dict) and method.get("name") == "simsiam":
+        data["method"] = {k: v for k, v in method.items() if k in ("name", "out_dim", "hidden_dim", "pred_dim",
+                                                                    "fix_pred_lr")}
+    elif isinstance(method, dict):
+        data["method"] = {k: v for k, v in method.items() if k not in ("pred_dim", "fix_pred_lr")}
+    return data
+
+
+def read_run_config(run_dir: Path) -> Config:
+    path = run_dir / CONFIG_FILE
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise CheckpointError(f"cannot read run config '{path}': {e.strerror}") from None
+    return parse_config(text, path)
+
+
+@dataclass
+class CheckpointHeader:
+    """The header of a training checkpoint, typed."""
+
+    config_yaml: str
+    arch: str
+    epoch: int
+    step: int
+    world: int
+    time: str
+    backbone_prefix: str  # under model/, e.g. "teacher.backbone.model."
+    student_backbone_prefix: str
+    version: int = FORMAT_VERSION
+
+    def to_metadata(self) -> dict[str, str]:
+        return {"format": TRAIN_FORMAT, "format_version": str(self.version), "config": self.config_yaml,
+                "arch": self.arch, "epoch": str(self.epoch), "step": str(self.step), "world": str(self.world),
+                "time": self.time, "backbone_prefix": self.backbone_prefix,
+                "student_backbone_prefix": self.student_backbone_prefix}
+
+    @property
+    def config(self) -> Config:
+        return parse_config(self.config_yaml, Path("<checkpoint header>"))
+
+    def prefix(self, which: str) -> str:
+        """`model/`-qualified key prefix of the teacher (evaluated) or student backbone's timm model."""
+        if which not in WHICH:
+            raise CheckpointError(f"--which must be teacher or student, got '{which}'")
+        return "model/" + (self.backbone_prefix if which == "teacher" else self.student_backbone_prefix)
+
+
+# Where 0.1.0 checkpoints kept their backbones (no prefix in the header): by method name.
+_LEGACY_PREFIXES = {"simsiam": ("student.backbone.model.", "student.backbone.model.")}
+_LEGACY_DEFAULT = ("teacher.backbone.model.", "student.backbone.model.")
+
+
+def read_checkpoint_header(path: Path) -> CheckpointHeader:
+    """CheckpointError unless `path` is a training checkpoint (any format version)."""
+    meta = read_metadata(path)
+    kind, version = format_of(meta)
+    if kind != TRAIN_FORMAT:
+        raise CheckpointError(f"'{path}' is not an sslcli training checkpoint (format {meta.get('format')!r}): "
+                              "give a run directory or one of its checkpoints/*.safetensors")
+    if "config" not in meta:
+        raise CheckpointError(f"checkpoint '{path}' has no config in its header")
+    if "backbone_prefix" in meta:
+        prefixes = (meta["backbone_prefix"], meta.get("student_backbone_prefix", meta["backbone_prefix"]))
+    else:
+        method = parse_config(meta["config"], path).method.name
+        prefixes = _LEGACY_PREFIXES.get(method, _LEGACY_DEFAULT)
+    return CheckpointHeader(meta["config"], meta.get("arch", ""), int(meta.get("epoch", 0)),
+                            int(meta.get("step", 0)), int(meta.get("world", 1)), meta.get("time", ""),
+                            prefixes[0], prefixes[1], version)
