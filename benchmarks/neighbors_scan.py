@@ -21,10 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from sslcli.config import load_config, to_yaml
-from sslcli.eval.weights import TRAIN_FORMAT
+from sslcli.runfiles import CheckpointHeader, write_sections
 from sslcli.neighbors import query_neighbors, scan_neighbors
 from index_folder import make_tree  # benchmarks/ is on sys.path when this script runs
 
@@ -46,10 +44,10 @@ def write_checkpoint(path: Path, data: Path, n: int, w: int, k: int) -> None:
     sims = torch.rand(w, n, k, generator=g).sort(dim=2, descending=True).values
     cfg = load_config("adasim-dino2-vits16", overrides=[f"data.path={data}", f"bootstrap.window={w}",
                                                          f"bootstrap.top_k={k}"])
-    meta = {"format": TRAIN_FORMAT, "config": to_yaml(cfg), "arch": cfg.model.arch, "epoch": str(w),
-            "step": "0", "world": "1"}
-    save_file({"extra/bootstrap.window_ids": ids, "extra/bootstrap.window_sims": sims,
-               "extra/bootstrap.epochs_done": torch.tensor([w])}, str(path), metadata=meta)
+    header = CheckpointHeader(to_yaml(cfg), cfg.model.arch, w, 0, "", "teacher.backbone.model.",
+                              "student.backbone.model.")
+    extra = {"bootstrap.window_ids": ids, "bootstrap.window_sims": sims, "bootstrap.epochs_done": torch.tensor([w])}
+    write_sections(path, {"extra": extra}, header, {})
 
 
 def main() -> None:

@@ -28,11 +28,12 @@ import torch
 from sslcli.config import load_config
 from sslcli.data.datasets import open_dataset
 from sslcli.data.loader import build_train_loader
-from sslcli.methods import build_method
+from sslcli.device import pick_device
+from sslcli.methods import StepContext, build_method
 from sslcli.models.backbone import count_flops_per_image
 from sslcli.train.distributed import DistEnv, set_cpu_threads
-from sslcli.train.engine import train_step
 from sslcli.train.optim import build_optimizer
+from sslcli.train.trainer import train_step
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -69,7 +70,7 @@ def peak_tflops(device: torch.device, given: float | None) -> float | None:
 
 def main() -> None:
     args = parse()
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     cfg = load_config(args.preset, overrides=args.overrides)
     threads = set_cpu_threads(DistEnv(0, 1, 0, device), cfg.train.workers)  # as `ssl pretrain` does
     data = args.data or cfg.data.path or "builtin:shapes"
@@ -79,7 +80,7 @@ def main() -> None:
     epochs = max(cfg.train.epochs, 1)
     method = build_method(cfg.model, cfg.method, epochs, sampler.steps_per_epoch).to(device)
     if cfg.train.compile:
-        method.student.backbone.compile()
+        method.compile_backbones()
     optimizer = build_optimizer(method.student, cfg.optim, device, method.constant_lr_parameters())
     flops = model_flops_per_image(method, cfg)
     waits, computes = [], []
@@ -90,10 +91,9 @@ def main() -> None:
         sampler.set_position(step // sampler.steps_per_epoch % epochs, step % sampler.steps_per_epoch)
         clock = time.perf_counter()
         for batch in loader:
-            crops = [c.to(device, non_blocking=True) for c in batch["crops"]]
+            batch = batch.to(device)
             fetched = time.perf_counter()
-            train_step(method, optimizer, crops, 0, 1e-4, 0.04, cfg.optim.clip_grad, cfg.train.precision, False)
-            method.after_step(step)
+            train_step(method, optimizer, batch, StepContext(0, step), 1e-4, 0.04, cfg.optim, cfg.train.precision)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             done = time.perf_counter()

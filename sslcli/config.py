@@ -25,6 +25,11 @@ from sslcli.typed import from_dict, to_dict
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# Weighted k-NN defaults (DINO's protocol), shared by `ssl eval knn` and the online monitor.
+KNN_KS = (10, 20, 100, 200)
+KNN_HEADLINE_K = 20  # the k whose top-1 is reported as "top1"
+KNN_TEMPERATURE = 0.07
+
 
 @dataclass
 class SourceConfig:
@@ -91,7 +96,7 @@ MethodConfig = DINOConfig | SimSiamConfig
 
 @dataclass
 class BootstrapConfig:
-    """Neighbour bootstrapping (methods.md "Neighbour bootstrapping"): which image the second view
+    """Neighbour bootstrapping (docs/methods.md, "Neighbour bootstrapping"): which image the second view
     of anchor i is cropped from. none: i itself; nn: its nearest cached neighbour; adasim: sampled
     from the window distribution when the latent space around i is trusted; oracle: a same-class
     image (labels needed)."""
@@ -105,7 +110,7 @@ class BootstrapConfig:
 
 @dataclass
 class DataConfig:
-    """Training data and DINO's multi-crop augmentation (spec: methods.md "Shared pieces")."""
+    """Training data and DINO's multi-crop augmentation (docs/methods.md, "Multi-crop augmentation")."""
 
     path: str | None = None  # ImageFolder root, unlabeled folder, or builtin:<name>; --data sets it
     global_crops: int = 2
@@ -168,8 +173,8 @@ class MonitorConfig:
     knn_every: int = 0  # epochs
     knn_train: str | None = None  # labeled train split; default: the built-in data's train split
     knn_val: str | None = None  # labeled val split; default: the built-in data's val split
-    knn_k: int = 20
-    knn_temperature: float = 0.07
+    knn_k: int = KNN_HEADLINE_K
+    knn_temperature: float = KNN_TEMPERATURE
 
 
 @dataclass

@@ -14,7 +14,7 @@ Training checkpoint: one safetensors file, no pickle. Tensor keys by section:
   engine/<name>      loop accumulators
   extra/<key>        other owned state (e.g. extra/bootstrap.window_ids)
 Header (all strings): format "sslcli-train", format_version, config (YAML), arch, epoch, step,
-world, time, optim_groups (JSON), backbone_prefix and student_backbone_prefix: the state-dict
+time, optim_groups (JSON), backbone_prefix and student_backbone_prefix: the state-dict
 prefixes (under model/) of the timm model that evals and export use by default (the teacher for the
 DINO family, the encoder for SimSiam) and of the student's. Checkpoints written by sslcli 0.1.0
 (format "sslcli-train-1", no prefixes) still load: their prefixes follow from the method name.
@@ -184,7 +184,6 @@ class CheckpointHeader:
     arch: str
     epoch: int
     step: int
-    world: int
     time: str
     backbone_prefix: str  # under model/, e.g. "teacher.backbone.model."
     student_backbone_prefix: str
@@ -192,8 +191,7 @@ class CheckpointHeader:
 
     def to_metadata(self) -> dict[str, str]:
         return {"format": TRAIN_FORMAT, "format_version": str(self.version), "config": self.config_yaml,
-                "arch": self.arch, "epoch": str(self.epoch), "step": str(self.step), "world": str(self.world),
-                "time": self.time, "backbone_prefix": self.backbone_prefix,
+                "arch": self.arch, "epoch": str(self.epoch), "step": str(self.step), "time": self.time, "backbone_prefix": self.backbone_prefix,
                 "student_backbone_prefix": self.student_backbone_prefix}
 
     @property
@@ -227,5 +225,5 @@ def read_checkpoint_header(path: Path) -> CheckpointHeader:
         method = parse_config(meta["config"], path).method.name
         prefixes = _LEGACY_PREFIXES.get(method, _LEGACY_DEFAULT)
     return CheckpointHeader(meta["config"], meta.get("arch", ""), int(meta.get("epoch", 0)),
-                            int(meta.get("step", 0)), int(meta.get("world", 1)), meta.get("time", ""),
+                            int(meta.get("step", 0)), meta.get("time", ""),
                             prefixes[0], prefixes[1], version)

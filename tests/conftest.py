@@ -44,12 +44,18 @@ def shapes_val_folder(tmp_path_factory) -> Path:
     return write_shapes_folder(tmp_path_factory.mktemp("shapes") / "val", "val", per_class=6)
 
 
-@pytest.fixture
-def tiny_config(shapes_folder):
+@pytest.fixture(scope="session")
+def tiny_config_module(shapes_folder):
+    """tiny_config for module- or session-scoped fixtures."""
     def make(*extra: str):
         return load_config("demo", overrides=TINY + [f"data.path={shapes_folder}"] + list(extra))
 
     return make
+
+
+@pytest.fixture
+def tiny_config(tiny_config_module):
+    return tiny_config_module
 
 
 @pytest.fixture(scope="session")

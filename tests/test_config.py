@@ -83,3 +83,22 @@ def test_from_dict_rejects_non_mapping_section():
 
 def test_demo_is_shipped():
     assert "demo" in preset_names()
+
+
+def test_method_section_is_the_chosen_methods_own():
+    from sslcli.config import DINOConfig, SimSiamConfig
+
+    dino = load_config("demo")
+    assert isinstance(dino.method, DINOConfig) and dino.method.teacher_temp == 0.03
+    # a layer naming another method replaces the section: DINO's keys do not leak into SimSiam
+    switched = load_config("demo", overrides=["method.name=simsiam", "method.pred_dim=64", "data.local_crops=0"])
+    assert isinstance(switched.method, SimSiamConfig) and switched.method.pred_dim == 64
+    assert "teacher_temp" not in to_yaml(switched)
+    assert switched.method.out_dim == SimSiamConfig().out_dim  # SimSiam's default, not the demo's 256
+    with pytest.raises(ConfigError, match=r"'method.name' must be one of dino, simsiam, got 'simsam' "
+                                          r"\(did you mean: simsiam\?\)"):
+        load_config("demo", overrides=["method.name=simsam"])
+    with pytest.raises(ConfigError, match="'method.pred_dim' with method.name dino"):
+        load_config("demo", overrides=["method.pred_dim=8"])
+    # the resolved YAML of either method loads back to the same config
+    assert from_dict(Config, __import__("yaml").safe_load(to_yaml(switched))) == switched

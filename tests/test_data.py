@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -306,3 +307,24 @@ def test_sampler_rejects_bad_sizes():
         EpochBatchSampler(5, 8, rank=0, world=1, seed=0)
     with pytest.raises(DataError, match="not divisible"):
         EpochBatchSampler(50, 9, rank=0, world=2, seed=0)
+
+
+def test_batch_moves_every_tensor_and_keeps_view_order():
+    from sslcli.data import Batch
+
+    views = [torch.randn(3, 3, 8, 8) for _ in range(2)] + [torch.randn(3, 3, 4, 4)]
+    batch = Batch.from_views(views)
+    batch.masks = torch.zeros(2, 3, 4, dtype=torch.bool)
+    moved = batch.to("meta")
+    assert all(t.device.type == "meta" for t in moved.views + [moved.ids, moved.seeds, moved.masks, moved.bad])
+    assert batch.ids.device.type == "cpu"  # a new batch, the original untouched
+    assert [v.shape[-1] for v in batch.views] == [8, 8, 4] and batch.size == 3
+    assert len(batch.global_views) == 2 and len(batch.local_views) == 1
+
+
+def test_random_resized_crop_interpolation_is_a_key():
+    from torchvision.transforms import InterpolationMode
+
+    bilinear = MultiCropTransform(dataclasses.replace(SMALL_CROPS, interpolation="bilinear"))
+    assert bilinear.global1.transforms[0].interpolation == InterpolationMode.BILINEAR
+    assert MultiCropTransform(SMALL_CROPS).local.transforms[0].interpolation == InterpolationMode.BICUBIC

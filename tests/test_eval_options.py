@@ -15,7 +15,7 @@ from sslcli.config import MonitorConfig
 from sslcli.device import autocast, pick_device
 from sslcli.errors import ConfigError, UsageError
 from sslcli.eval.featurefiles import FeatureSet, save_features
-from sslcli.eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, HEADLINE_K
+from sslcli.config import KNN_HEADLINE_K, KNN_KS, KNN_TEMPERATURE
 from sslcli.eval.options import (DavisOptions, FewshotOptions, KnnOptions, LinearOptions, RetrievalOptions,
                                  parse_options)
 from sslcli.eval.suite import read_suite
@@ -74,13 +74,13 @@ def test_parse_options_rejects_unknown_tasks():
 
 def test_knn_defaults_are_defined_once():
     defaults = KnnOptions()
-    assert defaults.k == list(DEFAULT_KS) == [10, 20, 100, 200]
-    assert defaults.temperature is DEFAULT_TEMPERATURE and DEFAULT_TEMPERATURE == 0.07
+    assert defaults.k == list(KNN_KS) == [10, 20, 100, 200]
+    assert defaults.temperature is KNN_TEMPERATURE and KNN_TEMPERATURE == 0.07
     flags = inspect.signature(cli_evals.knn).parameters
-    assert flags["temperature"].default is DEFAULT_TEMPERATURE
-    assert cli_evals.parse_ks(flags["k"].default) == DEFAULT_KS
-    # the online monitor (MonitorConfig) must agree until it imports these constants
-    assert (MonitorConfig().knn_k, MonitorConfig().knn_temperature) == (HEADLINE_K, DEFAULT_TEMPERATURE)
+    assert flags["temperature"].default is KNN_TEMPERATURE
+    assert cli_evals.parse_ks(flags["k"].default) == KNN_KS
+    # the online monitor (MonitorConfig) uses the same constants
+    assert MonitorConfig().knn_k is KNN_HEADLINE_K and MonitorConfig().knn_temperature is KNN_TEMPERATURE
 
 
 def test_cli_flags_and_suite_share_defaults():

@@ -100,7 +100,7 @@ def test_protocol_without_any_positive_reports_none():
 
 
 def reference_compute_map(ranks, gnd, kappas):
-    """revisitop's loop as the spec describes it (junk counted with a walking pointer)."""
+    """revisitop's loop as docs/evals.md describes it (junk counted with a walking pointer)."""
     aps, prs = [], []
     for i, g in enumerate(gnd):
         ok, junk = np.array(g["ok"]), np.array(g["junk"])

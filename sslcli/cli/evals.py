@@ -14,7 +14,7 @@ from sslcli.cli.progress import task_progress
 from sslcli.device import DEVICE_KINDS
 from sslcli.errors import UsageError
 from sslcli.eval import suite, tasks
-from sslcli.eval.knn import DEFAULT_KS
+from sslcli.config import KNN_KS
 from sslcli.eval.options import DavisOptions, FewshotOptions, KnnOptions, LinearOptions, RetrievalOptions
 
 app = typer.Typer(help="Evaluate frozen features with the standard protocols.", no_args_is_help=True)
@@ -86,7 +86,7 @@ def parse_ks(text: str) -> tuple[int, ...]:
 def knn(weights: Weights = None, train: Annotated[Optional[str], typer.Option(help="Labeled train folder.")] = None,
         val: Annotated[Optional[str], typer.Option(help="Labeled val folder.")] = None,
         train_features: File = None, val_features: File = None,
-        k: Annotated[str, typer.Option("--k", help="Neighbour counts.")] = ",".join(map(str, DEFAULT_KS)),
+        k: Annotated[str, typer.Option("--k", help="Neighbour counts.")] = ",".join(map(str, KNN_KS)),
         temperature: Annotated[float, typer.Option(help="Softmax temperature of the vote.")] = KnnOptions.temperature,
         which: Which = "teacher", device: Device = "auto", cache: Cache = None, image_size: ImageSize = None,
         batch_size: BatchSize = 256, workers: Workers = 4, out: Out = None, json_out: Json = False) -> None:

@@ -1,4 +1,4 @@
-"""Weighted k-NN classification of frozen features (DINO protocol, spec/evals.md "k-NN").
+"""Weighted k-NN classification of frozen features (DINO protocol, docs/evals.md "k-NN").
 
 For every test feature: cosine similarities to all training features, the top-k training items,
 class score = sum of exp(s_j / T) over the top-k items of that class, classes ranked by score.
@@ -14,13 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sslcli.config import KNN_HEADLINE_K, KNN_KS, KNN_TEMPERATURE
 from sslcli.errors import DataError, UsageError
 
 # The k-NN protocol's defaults, defined here only (eval options, CLI flags and the online
 # monitor read them): neighbour counts, the k of the headline top-1, the vote temperature.
-DEFAULT_KS = (10, 20, 100, 200)
-HEADLINE_K = 20
-DEFAULT_TEMPERATURE = 0.07
 
 
 def knn_classify(
@@ -28,8 +26,8 @@ def knn_classify(
     train_labels: Tensor,
     test_features: Tensor,
     test_labels: Tensor,
-    ks: Sequence[int] = DEFAULT_KS,
-    temperature: float = DEFAULT_TEMPERATURE,
+    ks: Sequence[int] = KNN_KS,
+    temperature: float = KNN_TEMPERATURE,
     num_classes: int | None = None,
     chunk_size: int = 256,
 ) -> dict:
@@ -111,7 +109,7 @@ def _metrics(ks: list[int], hits1: list[int], hits5: list[int], total: int) -> d
         str(k): {"top1": h1 * 100.0 / total, "top5": h5 * 100.0 / total}
         for k, h1, h5 in zip(ks, hits1, hits5)
     }
-    headline = str(HEADLINE_K) if HEADLINE_K in ks else str(ks[0])
+    headline = str(KNN_HEADLINE_K) if KNN_HEADLINE_K in ks else str(ks[0])
     return {"k": per_k, "top1": per_k[headline]["top1"]}
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from sslcli.errors import ConfigError, hint
 from sslcli.eval.fewshot import METRICS
-from sslcli.eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE
+from sslcli.config import KNN_KS, KNN_TEMPERATURE
 from sslcli.eval.pipelines import RETRIEVAL_DATASETS
 from sslcli.typed import from_dict
 
@@ -40,8 +40,8 @@ class KnnOptions:
     val: str | None = None
     train_features: str | None = None  # feature file with labels (instead of `train`)
     val_features: str | None = None
-    k: list[int] = field(default_factory=lambda: list(DEFAULT_KS))  # neighbour counts
-    temperature: float = DEFAULT_TEMPERATURE  # softmax temperature of the vote
+    k: list[int] = field(default_factory=lambda: list(KNN_KS))  # neighbour counts
+    temperature: float = KNN_TEMPERATURE  # softmax temperature of the vote
 
     def __post_init__(self) -> None:
         _require(bool(self.k) and all(k >= 1 for k in self.k), "knn.k", "a list of integers >= 1", self.k)

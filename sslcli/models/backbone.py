@@ -1,4 +1,4 @@
-"""timm backbones behind one features API (docs/methods.md, "Backbones").
+"""timm backbones behind one features API (docs/methods.md, "Fidelity details of the DINO family").
 
 `Backbone(x)` -> the global feature [B, D]: the CLS token after the final norm for ViTs, the
 pooled vector for CNNs / Swin. `forward_tokens(x, masks)` -> (cls [B, D], patch [B, N, D]):

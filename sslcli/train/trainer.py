@@ -256,7 +256,7 @@ class Trainer:
         m = self.method
         return runfiles.CheckpointHeader(
             to_yaml(self.cfg), self.cfg.model.arch, self.state.step // self.state.steps_per_epoch, self.state.step,
-            self.env.world, time.strftime("%Y-%m-%dT%H:%M:%S"), m.backbone_prefix(m.evaluated_backbone),
+            time.strftime("%Y-%m-%dT%H:%M:%S"), m.backbone_prefix(m.evaluated_backbone),
             m.backbone_prefix(m.student_backbone))
 
     def restore(self, path: Path) -> None:
