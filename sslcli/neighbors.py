@@ -36,6 +36,7 @@ from torch import Tensor
 from sslcli.bootstrap.adasim import window_candidates, window_probabilities
 from sslcli.config import Config
 from sslcli.data.datasets import ImageDataset, open_dataset
+from sslcli.device import pick_device
 from sslcli.errors import CheckpointError, DataError, UsageError, hint
 from sslcli.runfiles import last_checkpoint, read_checkpoint_header, resolve_weights_file, run_dir_of
 
@@ -85,7 +86,7 @@ class BootstrapWindow:
     def candidates(self, ids: Tensor, sims: Tensor) -> tuple[Tensor, Tensor]:
         """(cand int64 [R, k], p_win [R, k]) of windows [R, w, K], with the run's top_k and tau
         (computed on the GPU when there is one: an ImageNet scan is then I/O-bound)."""
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = pick_device("auto")
         cand, m_win = window_candidates(ids.to(device), sims.to(device), self.cfg.bootstrap.top_k)
         return cand.cpu(), window_probabilities(m_win, self.cfg.bootstrap.tau).cpu()
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from sslcli.config import KNN_KS, KNN_TEMPERATURE
 from sslcli.errors import ConfigError, hint
 from sslcli.eval.fewshot import METRICS
-from sslcli.config import KNN_KS, KNN_TEMPERATURE
 from sslcli.eval.pipelines import RETRIEVAL_DATASETS
 from sslcli.typed import from_dict
 
