@@ -93,6 +93,7 @@ def main() -> None:
         for batch in loader:
             batch = batch.to(device)
             fetched = time.perf_counter()
+            batch = batch.colour(cfg.data.mean, cfg.data.std)  # device augmentation counts as compute
             train_step(method, optimizer, batch, StepContext(0, step), 1e-4, 0.04, cfg.optim, cfg.train.precision)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

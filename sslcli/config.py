@@ -120,6 +120,9 @@ class DataConfig:
     local_crop_size: int = 96
     local_crops_scale: tuple[float, float] = (0.05, 0.4)
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # RandomResizedCrop: DINO bicubic, SimSiam bilinear
+    # device: workers crop and flip (uint8 out) and draw the colour parameters, the colour chain runs
+    # batched on the training device; worker: the whole chain in PIL in the workers (the reference).
+    augment_on: Literal["device", "worker"] = "device"
     color_jitter_prob: float = 0.8
     color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
     grayscale_prob: float = 0.2

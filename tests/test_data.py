@@ -238,7 +238,9 @@ def test_loader_identical_across_worker_counts():
     for b0, b1 in zip(*runs):
         assert torch.equal(b0.ids, b1.ids) and torch.equal(b0.labels, b1.labels)
         assert torch.equal(b0.seeds, b1.seeds)
-        assert all(torch.equal(x, y) for x, y in zip(b0.views, b1.views))
+        assert all(torch.equal(x, y) for x, y in zip(b0.views, b1.views))  # uint8 crops (augment_on: device)
+        for p0, p1 in zip(b0.photometric, b1.photometric):  # and the colour parameters drawn with them
+            assert all(torch.equal(getattr(p0, f), getattr(p1, f)) for f in ("order", "brightness", "blur_sigma"))
     expected = [[i for _, i in b] for b in EpochBatchSampler(32, 8, 0, 1, seed=5, start_epoch=1)]
     assert [b.ids.tolist() for b in runs[0][4:]] == expected[2:]
     first = runs[0][0]

@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from sslcli.config import DataConfig
 from sslcli.data.batch import Batch
 from sslcli.data.datasets import ImageDataset
-from sslcli.data.transforms import MultiCropTransform
+from sslcli.data.photometric import PhotometricParams
+from sslcli.data.transforms import train_transform
 from sslcli.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -43,8 +44,9 @@ class TrainSet(Dataset):
     """Augmented training samples addressed by (epoch, index).
 
     `trainset[(epoch, i)]` or `trainset[(epoch, i, j)]` -> {"crops": list of tensors (one per
-    view), "index": int, "label": int, "second": int, "bad": int, "seed": int}; with j != i the
-    second global view is cropped from image j ("second"); "seed" is the sample's
+    view), "params": None or one photometric-parameter dict per view (augment_on: device, with
+    uint8 crops), "index": int, "label": int, "second": int, "bad": int, "seed": int}; with j != i
+    the second global view is cropped from image j ("second"); "seed" is the sample's
     (seed, epoch, i) seed. When image i cannot be read, the next images (i+1,
     i+2, ... mod N) are tried deterministically; "index"/"label" are those of the image used and
     "bad" counts the skipped ones (an unreadable x_j gives a standard pair, also counted). A warning is logged once per bad file per process; DataError after
@@ -71,7 +73,7 @@ class TrainSet(Dataset):
         raise DataError(f"{min(MAX_CONSECUTIVE_BAD, n)} consecutive unreadable images from id "
                         f"{index} in '{self.dataset.name}' (e.g. {self.dataset.paths[index]})")
 
-    def _augment(self, img, second, seed: int) -> list[torch.Tensor]:
+    def _augment(self, img, second, seed: int):
         """Run the transform under `seed`, then restore the caller's RNG states."""
         py_state, torch_state = random.getstate(), torch.default_generator.get_state()
         try:
@@ -101,9 +103,10 @@ class TrainSet(Dataset):
             second = self._try_load(int(key[2]))
             j, bad = (int(key[2]), bad) if second is not None else (used, bad + 1)
         seed = sample_seed(self.base_seed, epoch, index)
-        crops = self._augment(img, second, seed)
-        return {"crops": crops, "index": used, "label": int(self.dataset.labels[used]), "second": j,
-                "bad": bad, "seed": seed}
+        out = self._augment(img, second, seed)
+        crops, params = out if isinstance(out, tuple) else (out, None)  # device path: (uint8 crops, params)
+        return {"crops": crops, "params": params, "index": used, "label": int(self.dataset.labels[used]),
+                "second": j, "bad": bad, "seed": seed}
 
 
 class EpochBatchSampler(Sampler):
@@ -187,6 +190,9 @@ class EpochBatchSampler(Sampler):
 def collate_views(samples: list[dict], global_views: int = 2) -> Batch:
     """Stack TrainSet samples into a Batch (the first `global_views` crops are the global views)."""
     views = [torch.stack([s["crops"][v] for s in samples]) for v in range(len(samples[0]["crops"]))]
+    photometric = None
+    if samples[0].get("params") is not None:  # device path: uint8 views + their colour parameters
+        photometric = [PhotometricParams.stack([s["params"][v] for s in samples]) for v in range(len(views))]
     return Batch(
         global_views=views[:global_views], local_views=views[global_views:],
         ids=torch.tensor([s["index"] for s in samples], dtype=torch.long),
@@ -194,6 +200,7 @@ def collate_views(samples: list[dict], global_views: int = 2) -> Batch:
         labels=torch.tensor([s["label"] for s in samples], dtype=torch.long),
         seeds=torch.tensor([s["seed"] for s in samples], dtype=torch.long),
         bad=torch.tensor(sum(s["bad"] for s in samples), dtype=torch.long),
+        photometric=photometric,
     )
 
 
@@ -206,7 +213,7 @@ def build_train_loader(dataset: ImageDataset, cfg: DataConfig, batch_size_total:
     persistent with prefetch_factor 4 when workers > 0. `seed` must be the same on all ranks.
     """
     sampler = EpochBatchSampler(len(dataset), batch_size_total, rank, world, seed)
-    trainset = TrainSet(dataset, MultiCropTransform(cfg), base_seed=seed)
+    trainset = TrainSet(dataset, train_transform(cfg), base_seed=seed)
     loader = DataLoader(trainset, batch_sampler=sampler, num_workers=workers,
                         collate_fn=collate_views, pin_memory=pin_memory,
                         persistent_workers=workers > 0,

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 from torchvision.transforms import InterpolationMode
 
 from sslcli.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
@@ -109,6 +110,68 @@ class MultiCropTransform:
     def __repr__(self) -> str:
         return (f"MultiCropTransform(global1={self.global1}, global2={self.global2}, "
                 f"local={self.local_crops} x {self.local})")
+
+
+class GeometryView:
+    """The worker half of one view on the device path: crop and flip the PIL image, and draw the
+    view's photometric parameters, returning (uint8 [3, S, S], parameter dict).
+
+    The random draws are made in the order and with the generators of the reference chain
+    (RRC, flip, RandomApply + ColorJitter.get_params, RandomGrayscale: torch; blur, solarize:
+    Python's `random`), so under the same seed both paths crop identically and draw the same
+    colour parameters; only where the colour work runs differs. `solarize_p` None: no solarize
+    step in this view (the reference chain then draws nothing for it).
+    """
+
+    def __init__(self, cfg: DataConfig, size: int, scale: tuple[float, float], blur_p: float,
+                 solarize_p: float | None = None):
+        self.rrc = T.RandomResizedCrop(size, scale=tuple(scale), interpolation=INTERPOLATION[cfg.interpolation])
+        self.jitter = T.ColorJitter(*cfg.color_jitter)
+        self.jitter_p, self.gray_p, self.blur_p, self.solarize_p = (cfg.color_jitter_prob, cfg.grayscale_prob,
+                                                                    blur_p, solarize_p)
+
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, dict]:
+        img = self.rrc(img)
+        if torch.rand(1) < 0.5:
+            img = TF.hflip(img)
+        params = {"order": [0, 1, 2, 3], "brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
+        if not self.jitter_p < torch.rand(1):  # RandomApply's test
+            j = self.jitter
+            order, *factors = T.ColorJitter.get_params(j.brightness, j.contrast, j.saturation, j.hue)
+            params["order"] = order.tolist()
+            for name, value in zip(("brightness", "contrast", "saturation", "hue"), factors):
+                if value is not None:
+                    params[name] = float(value)
+        params["grayscale"] = bool(torch.rand(1) < self.gray_p)
+        params["blur_sigma"] = random.uniform(0.1, 2.0) if random.random() < self.blur_p else 0.0
+        params["solarize"] = self.solarize_p is not None and random.random() < self.solarize_p
+        return TF.pil_to_tensor(img), params  # (3, S, S) uint8; datasets load RGB
+
+
+class MultiCropGeometry:
+    """`data.augment_on: device`: the worker half of MultiCropTransform (same views, same draws).
+
+    PIL image -> (uint8 crops [3, S, S] per view, photometric parameter dict per view); the colour
+    chain then runs batched on the training device (sslcli.data.photometric.apply_photometric).
+    """
+
+    def __init__(self, cfg: DataConfig):
+        p1, p2, p_local = cfg.blur_probs
+        self.global1 = GeometryView(cfg, cfg.global_crop_size, cfg.global_crops_scale, p1)
+        self.global2 = GeometryView(cfg, cfg.global_crop_size, cfg.global_crops_scale, p2, cfg.solarize_prob)
+        self.local = GeometryView(cfg, cfg.local_crop_size, cfg.local_crops_scale, p_local)
+        self.local_crops = cfg.local_crops
+
+    def __call__(self, img: Image.Image, second: Image.Image | None = None) -> tuple[list[torch.Tensor], list[dict]]:
+        views = [self.global1(img), self.global2(img if second is None else second)]
+        views.extend(self.local(img) for _ in range(self.local_crops))
+        return [v[0] for v in views], [v[1] for v in views]
+
+
+def train_transform(cfg: DataConfig) -> MultiCropTransform | MultiCropGeometry:
+    """The worker transform of `data.augment_on`: `worker` (the whole PIL chain, the reference)
+    or `device` (crop + flip + parameter draws; colour on the training device)."""
+    return MultiCropGeometry(cfg) if cfg.augment_on == "device" else MultiCropTransform(cfg)
 
 
 def eval_transform(crop_size: int, resize_size: int | None = None,

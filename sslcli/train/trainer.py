@@ -1,6 +1,7 @@
 """The training loop, one for all methods: a `Trainer` per process.
 
-Per batch: batch.to(device) -> method.loss(batch, ctx) -> backward -> method.cancel_gradients ->
+Per batch: batch.to(device) (uint8 crops) -> batch.colour (the photometric augmentation, batched on
+the device, `data.augment_on: device`) -> method.loss(batch, ctx) -> backward -> method.cancel_gradients ->
 clip (per parameter or global) -> optimizer step -> method.after_step(ctx, out) (EMA, centre) ->
 bootstrap.observe(ids, anchor). Schedules are precomputed per iteration. The step has no host
 syncs: loss sums, divergence flags and diagnostics stay on the device and are read only every
@@ -149,8 +150,9 @@ class Trainer:
         for batch in self.loader:
             state.data_wait += timed(clock)
             log_now = (state.step + 1) % self.cfg.train.log_every == 0
-            out = self._step(batch.to(self.env.device), StepContext(epoch, state.step, log_now))
-            state.bad_images += int(batch.bad)
+            state.bad_images += int(batch.bad)  # read on the host, before the batch moves
+            batch = batch.to(self.env.device).colour(self.cfg.data.mean, self.cfg.data.std)  # device augmentation
+            out = self._step(batch, StepContext(epoch, state.step, log_now))
             if log_now:
                 state.stats = out.stats
                 self._log(epoch)
