@@ -17,19 +17,16 @@ def test_dino_health_flags_both_collapse_modes():
     model = ModelConfig(drop_path_rate=0.0, kwargs=dict(img_size=16, patch_size=8, embed_dim=d, depth=1, num_heads=6))
     method = DINO(model, DINOConfig(out_dim=k, hidden_dim=16, bottleneck_dim=8), epochs=1, steps_per_epoch=1)
 
-    def health_warnings(record, k, d):
-        return method.health(record)
-
     healthy = {"teacher_entropy": 3.0, "teacher_marginal_entropy": 6.0, "kl": 0.5, "embed_std": 1 / math.sqrt(d)}
-    assert health_warnings(healthy, k, d) == []
+    assert method.health(healthy) == []
     sharp = {"teacher_entropy": 0.01, "teacher_marginal_entropy": 4.0, "kl": 1e-4, "embed_std": 0.05}
-    assert health_warnings(sharp, k, d) == []  # one-hot per image but spread over prototypes: healthy
+    assert method.health(sharp) == []  # one-hot per image but spread over prototypes: healthy
     uniform = {"teacher_entropy": 0.99 * math.log(k), "kl": 1e-5, "embed_std": 0.05}
-    assert [kind for kind, _ in health_warnings(uniform, k, d)] == ["uniform"]
+    assert [kind for kind, _ in method.health(uniform)] == ["uniform"]
     onehot = {"teacher_entropy": 0.01, "teacher_marginal_entropy": 0.02, "kl": 1e-4, "embed_std": 0.05}
-    assert [kind for kind, _ in health_warnings(onehot, k, d)] == ["onehot"]
+    assert [kind for kind, _ in method.health(onehot)] == ["onehot"]
     dead = {"teacher_entropy": 3.0, "kl": 0.5, "embed_std": 1e-4}
-    assert [kind for kind, _ in health_warnings(dead, k, d)] == ["std"]
+    assert [kind for kind, _ in method.health(dead)] == ["std"]
 
 
 def test_divergence_guard_remembers_the_first_bad_step_and_term():
