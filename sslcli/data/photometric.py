@@ -201,6 +201,21 @@ def _jitter_step(x: Tensor, op: Tensor, p: PhotometricParams, active: Tensor) ->
     return _blend(x, other, torch.where(active, factor, 1.0))
 
 
+def _flagged_only(op, x: Tensor, flag: Tensor, param: Tensor) -> Tensor:
+    """op(x, param), computed on the CPU for the flagged images only (op is the identity on the
+    others, exactly: hue 0, sigma 0). On other devices every image is computed: selecting rows
+    would need a host sync, and there the batched op is cheap."""
+    if x.device.type != "cpu":
+        return op(x, param)
+    rows = flag.nonzero().flatten()
+    if len(rows) == len(flag):
+        return op(x, param)
+    out = x.clone()
+    if len(rows):
+        out[rows] = op(x[rows], param[rows])
+    return out
+
+
 def apply_photometric(x: Tensor, p: PhotometricParams, mean: Sequence[float],
                       std: Sequence[float]) -> Tensor:
     """uint8 [B, 3, H, W] (or float in [0, 1]) -> float32 [B, 3, H, W], normalised.
@@ -224,10 +239,10 @@ def apply_photometric(x: Tensor, p: PhotometricParams, mean: Sequence[float],
     blends = order.gather(1, slots + (slots >= hue_pos.unsqueeze(1)))  # order without hue, [B, 3]
     for m in range(3):
         x = _jitter_step(x, blends[:, m], p, m < hue_pos)
-    x = adjust_hue(x, p.hue)
+    x = _flagged_only(adjust_hue, x, p.hue != 0, p.hue)
     for m in range(3):
         x = _jitter_step(x, blends[:, m], p, m >= hue_pos)
     x = torch.where(_col(p.grayscale, x), rgb_to_grayscale(x).expand_as(x), x)
-    x = gaussian_blur(x, p.blur_sigma)
+    x = _flagged_only(gaussian_blur, x, p.blur_sigma > 0, p.blur_sigma)
     x = solarize(x, p.solarize)
     return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(mean, std))], dim=1)
