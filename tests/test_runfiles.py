@@ -14,6 +14,7 @@ from sslcli import runfiles
 from sslcli.cli.app import app
 from sslcli.errors import CheckpointError
 from sslcli.eval.weights import load_backbone
+from sslcli.train.checkpoint import load_training_state
 from sslcli.train.pretrain import RunOptions, pretrain
 
 LEGACY = Path(__file__).parent / "data" / "checkpoints-0.1.0"
@@ -89,3 +90,17 @@ def test_not_a_checkpoint_is_an_input_error(tmp_path):
         runfiles.read_checkpoint_header(junk)
     with pytest.raises(CheckpointError, match="weights not found"):
         runfiles.resolve_weights_file(tmp_path / "missing")
+
+
+def test_a_0_1_0_run_resumes(tiny_config, tmp_path):
+    """The 0.1.0 DINO fixture continues as a run: weights, optimizer state (its groups had
+    `apply_wd`, not multipliers: biases must stay undecayed) and the step counter."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.safetensors").write_bytes((LEGACY / "dino-tiny.safetensors").read_bytes())
+    cfg = tiny_config("train.epochs=2", "method.out_dim=32", "data.local_crops=0")  # the fixture's config
+    summary = pretrain(cfg, RunOptions(out=run, device="cpu", resume=True))
+    assert summary["steps"] == 6  # 3 steps of epoch 2 after the fixture's 3
+    saved, _ = load_training_state(runfiles.last_checkpoint(run))
+    assert [(g["lr_mult"], g["wd_mult"]) for g in saved.optim_groups] == [(1.0, 1.0), (1.0, 0.0)]
+    assert saved.optim_groups[1]["weight_decay"] == 0.0

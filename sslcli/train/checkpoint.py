@@ -40,12 +40,14 @@ def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[int, di
 
 def optimizer_from_tensors(optimizer: torch.optim.Optimizer, state: dict[int, dict[str, Tensor]],
                            groups: list[dict]) -> None:
-    """Inverse of optimizer_to_tensors; implementation switches (fused, foreach) stay the current
-    optimizer's, so a run checkpointed on GPU resumes on CPU and vice versa."""
+    """Inverse of optimizer_to_tensors. Implementation switches (fused, foreach) stay the current
+    optimizer's, so a run checkpointed on GPU resumes on CPU and vice versa; so do the group
+    multipliers, which follow from the config (0.1.0 checkpoints have none: `apply_wd` instead)."""
     if len(groups) != len(optimizer.param_groups):
         raise CheckpointError("checkpoint optimizer does not match this config (parameter groups differ)")
     for saved, current in zip(groups, optimizer.param_groups):
-        for key in ("fused", "foreach", "capturable", "differentiable"):
+        saved.pop("apply_wd", None)
+        for key in ("fused", "foreach", "capturable", "differentiable", "lr_mult", "wd_mult", "constant_lr"):
             if key in current:
                 saved[key] = current[key]
         if "betas" in saved:
