@@ -23,7 +23,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from sslcli.data.palette import davis_palette, read_mask, write_indexed_png
 from sslcli.errors import DataError, UsageError, hint
