@@ -23,6 +23,9 @@ run throughput-dino2-s16-compile python benchmarks/throughput.py --preset dino2-
     --set optim.batch_size=256 --set train.workers=8 --set train.compile=true --steps 30 --warmup 15
 run throughput-dino-s16-multicrop python benchmarks/throughput.py --preset dino-vits16 --data builtin:shapes \
     --set optim.batch_size=128 --set train.workers=8 --steps 20 --warmup 5
+run throughput-simdino-s16-multicrop python benchmarks/throughput.py --preset simdino-vits16 --data builtin:shapes \
+    --set optim.batch_size=128 --set train.workers=8 --steps 20 --warmup 5
+run pretrain-simdino ssl pretrain --preset demo-simdino --device cuda --set train.epochs=2 --out "$out/run-simdino" --json
 run bootstrap python benchmarks/bootstrap.py --n 1281167 --dim 384 --window 10 --top-k 3 --batch 256
 run pretrain-adasim ssl pretrain --preset demo-adasim --device cuda --set train.epochs=3 --out "$out/run-adasim" --json
 if [ "$gpus" -ge 2 ]; then

@@ -1,4 +1,4 @@
-"""Data-path throughput (no model): images/s of `data.augment_on` worker vs device; prints JSON.
+"""Data-path throughput (no model): images/s of the data-path stages worker, device, device-decode; JSON.
 
     python benchmarks/loader.py                                   # 400 JPEGs, default workers
     python benchmarks/loader.py --images 200 --batches 6 --warmup 2 --workers 1   # 2-core CPU
@@ -10,11 +10,17 @@ both on a temporary ImageFolder of generated 500x375 JPEGs (10 classes, smooth r
 quality 90) or on `--data`; demo = the demo preset's crops (2x32 + 2x16) on builtin:shapes.
 Modes: worker = the whole PIL chain in the loader workers (float32 crops); device = workers crop
 and flip (uint8 crops + colour parameters), then `batch.to(device).colour(mean, std)` in the
-main process. Both modes end with normalised float views on the device, which is what is timed:
+main process; device-decode = `data.decode_on: device`: workers read JPEG bytes and draw boxes,
+flips and colour parameters from the header size, then `batch.decode(device)` (one batched
+decode_jpeg, resized_crop per view) `.to(device).colour(mean, std)`. On `--device cpu` the
+device-decode mode still decodes in the main process on the CPU (training would fall back to worker
+decoding there), so the code path is measurable anywhere; only a CUDA run (nvJPEG) shows what it is
+for. Every mode ends with normalised float views on the device, which is what is timed:
 `--batches` batches after `--warmup` batches, CUDA synchronised before the clock is read
-(loader_wait_s: the part spent blocked on the loader; the rest is to() + colour()). The
+(loader_wait_s: the part spent blocked on the loader; the rest is decode() + to() + colour()). The
 image list is repeated so that one epoch holds all batches (no epoch-boundary stall). CPU threads
-are set as `ssl pretrain` does (set_cpu_threads: cores - workers). speedup = device / worker.
+are set as `ssl pretrain` does (set_cpu_threads: cores - workers). speedup = device / worker, and
+decode_speedup = device-decode / device (each when both modes ran).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from sslcli.train.distributed import DistEnv, set_cpu_threads
 SETTINGS = {"dino2": ("dino2-vits16", ["data.local_crops=0"]),
             "multicrop": ("dino-vits16", ["data.local_crops=10"]),
             "demo": ("demo", [])}
-MODES = ("worker", "device")
+MODES = ("worker", "device", "device-decode")
 
 
 def parse() -> argparse.Namespace:
@@ -82,10 +88,11 @@ def repeated(ds: ImageDataset, n: int) -> ImageDataset:
 
 def measure(dataset: ImageDataset, cfg, args, workers: int, device: torch.device) -> tuple[float, float]:
     """(seconds for `args.batches` batches after `args.warmup`, delivered as float views on `device`;
-    of which seconds spent waiting for the loader: the rest is the main process's to() + colour())."""
+    of which seconds spent waiting for the loader: the rest is the main process's decode() + to() +
+    colour()). decode_on: device is applied on any device here (decode_on_cpu)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     loader, _ = build_train_loader(dataset, cfg.data, args.batch_size, 0, 1, cfg.train.seed, workers,
-                                   device.type == "cuda")
+                                   device.type == "cuda", device=device, decode_on_cpu=True)
     it = iter(loader)
     start, wait = time.perf_counter(), 0.0
     for k in range(args.warmup + args.batches):
@@ -95,7 +102,7 @@ def measure(dataset: ImageDataset, cfg, args, workers: int, device: torch.device
         t0 = time.perf_counter()
         batch = next(it)
         wait += time.perf_counter() - t0
-        batch = batch.to(device).colour(cfg.data.mean, cfg.data.std)  # colour: no-op in worker mode
+        batch = batch.decode(device).to(device).colour(cfg.data.mean, cfg.data.std)  # no-ops where not needed
         assert batch.views[0].dtype == torch.float32
     sync()
     seconds = time.perf_counter() - start
@@ -131,15 +138,18 @@ def main() -> None:
                 f"+{cfg.data.local_crops}x{cfg.data.local_crop_size}" if cfg.data.local_crops else "")
             ips = {}
             for mode in args.modes.split(","):
-                cfg.data.augment_on = mode
+                cfg.data.augment_on = "worker" if mode == "worker" else "device"
+                cfg.data.decode_on = "device" if mode == "device-decode" else "worker"
                 seconds, wait = measure(dataset, cfg, args, workers, device)
                 ips[mode] = args.batch_size * args.batches / seconds
                 result["rows"].append({"setting": setting, "crops": crops, "mode": mode, "workers": workers,
                                        "threads": threads, "batch_size": args.batch_size,
                                        "images_per_s": round(ips[mode], 1), "seconds": round(seconds, 3),
                                        "loader_wait_s": round(wait, 3)})
-            if len(ips) == 2:
+            if "device" in ips and "worker" in ips:
                 result["speedup"][setting] = round(ips["device"] / ips["worker"], 2)
+            if "device-decode" in ips and "device" in ips:
+                result.setdefault("decode_speedup", {})[setting] = round(ips["device-decode"] / ips["device"], 2)
     print(json.dumps(result, indent=2))
 
 

@@ -76,7 +76,7 @@ def main() -> None:
     data = args.data or cfg.data.path or "builtin:shapes"
     dataset = open_dataset(data)
     loader, sampler = build_train_loader(dataset, cfg.data, cfg.optim.batch_size, 0, 1, cfg.train.seed,
-                                         cfg.train.workers, device.type == "cuda")
+                                         cfg.train.workers, device.type == "cuda", device=device)
     epochs = max(cfg.train.epochs, 1)
     method = build_method(cfg.model, cfg.method, epochs, sampler.steps_per_epoch).to(device)
     if cfg.train.compile:
@@ -91,7 +91,7 @@ def main() -> None:
         sampler.set_position(step // sampler.steps_per_epoch % epochs, step % sampler.steps_per_epoch)
         clock = time.perf_counter()
         for batch in loader:
-            batch = batch.to(device)
+            batch = batch.decode(device).to(device)  # decode: data.decode_on: device on CUDA, else a no-op
             fetched = time.perf_counter()
             batch = batch.colour(cfg.data.mean, cfg.data.std)  # device augmentation counts as compute
             train_step(method, optimizer, batch, StepContext(0, step), 1e-4, 0.04, cfg.optim, cfg.train.precision)

@@ -76,6 +76,28 @@ class DINOConfig:
     momentum_teacher: float = 0.996  # cosine from this to momentum_teacher_end, per iteration
     momentum_teacher_end: float = 1.0
     freeze_last_layer: int = 1  # epochs during which the head's last layer is not updated
+    # false: the teacher is the student at every step (no EMA; SimDINO's Table 8: DINO collapses)
+    self_distillation: bool = True
+
+
+@dataclass
+class SimDINOConfig:
+    """SimDINO (sslcli.methods.simdino): DINO without prototypes, with a coding-rate term."""
+
+    name: Literal["simdino"] = "simdino"
+    out_dim: int = 256  # d, width of the L2-normalised head output
+    hidden_dim: int = 2048
+    head_layers: int = 3
+    eps2: float = 0.05  # epsilon^2 of the coding rate (the authors' --eps)
+    gamma: float | None = None  # weight of the coding rate; None: 1/n + 1/d (n = global batch)
+    # global: Z^T Z summed over processes (independent of the process count); local: each process's
+    # own Z^T Z with the global n, as the authors' runs (reduce_cov=0)
+    covariance: Literal["global", "local"] = "global"
+    # mean: Z_a = (student_a + teacher_a) / 2 (the authors' code); student: student_a (the paper)
+    expansion_input: Literal["mean", "student"] = "mean"
+    momentum_teacher: float = 0.996  # cosine from this to momentum_teacher_end, per iteration
+    momentum_teacher_end: float = 1.0
+    self_distillation: bool = True  # false: the teacher is the student at every step (Table 8)
 
 
 @dataclass
@@ -90,8 +112,8 @@ class SimSiamConfig:
 
 
 # The `method:` section is one of these, selected by its `name` (the whole wiring: a literal dict).
-METHOD_CONFIGS: dict[str, type] = {"dino": DINOConfig, "simsiam": SimSiamConfig}
-MethodConfig = DINOConfig | SimSiamConfig
+METHOD_CONFIGS: dict[str, type] = {"dino": DINOConfig, "simsiam": SimSiamConfig, "simdino": SimDINOConfig}
+MethodConfig = DINOConfig | SimSiamConfig | SimDINOConfig
 
 
 @dataclass
@@ -123,6 +145,9 @@ class DataConfig:
     # device: workers crop and flip (uint8 out) and draw the colour parameters, the colour chain runs
     # batched on the training device; worker: the whole chain in PIL in the workers (the reference).
     augment_on: Literal["device", "worker"] = "device"
+    # device: with augment_on device on CUDA, workers ship JPEG bytes + crop boxes and the batch is decoded
+    # (nvJPEG), cropped and resized on the training device; worker: workers decode with PIL. CPU runs: worker.
+    decode_on: Literal["worker", "device"] = "worker"
     color_jitter_prob: float = 0.8
     color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
     grayscale_prob: float = 0.2
@@ -342,6 +367,8 @@ def validate(cfg: Config) -> None:
         (cfg.bootstrap.window >= 1, "bootstrap.window must be >= 1"),
         (cfg.bootstrap.top_k >= 2, "bootstrap.top_k must be >= 2 (self and at least one neighbour)"),
         (0 <= cfg.bootstrap.p <= 1, "bootstrap.p must be in [0, 1]"),
+        (cfg.data.decode_on == "worker" or cfg.data.augment_on == "device",
+         "data.decode_on: device needs data.augment_on: device (the device crops feed the device augmentation)"),
     ] + _method_checks(cfg)
     for ok, message in checks:
         if not ok:
@@ -353,6 +380,12 @@ def _method_checks(cfg: Config) -> list[tuple[bool, str]]:
     if isinstance(m, SimSiamConfig):
         return [(cfg.data.local_crops == 0, "method simsiam takes exactly 2 views per image: set data.local_crops=0"),
                 (m.out_dim > 0 and m.hidden_dim > 0 and m.pred_dim > 0, "method widths must be positive")]
+    if isinstance(m, SimDINOConfig):
+        return [(m.out_dim > 0 and m.hidden_dim > 0, "method widths must be positive"),
+                (m.eps2 > 0, "method.eps2 must be positive"),
+                (m.gamma is None or m.gamma >= 0, "method.gamma must be >= 0 (or null: 1/n + 1/d)"),
+                (0 <= m.momentum_teacher <= m.momentum_teacher_end <= 1,
+                 "method.momentum_teacher must satisfy 0 <= momentum_teacher <= momentum_teacher_end <= 1")]
     return [(m.out_dim > 0, "method.out_dim must be positive"),
             (m.warmup_teacher_temp_epochs <= cfg.train.epochs,
              "method.warmup_teacher_temp_epochs must not exceed train.epochs"),

@@ -22,11 +22,13 @@ PAPER_PRESETS = [
     "nn-dino2-rn50", "adasim-dino2-rn50", "nn-dino2-vits16", "adasim-dino2-vits16",
     "nn-dino2-vitb16", "adasim-dino2-vitb16",
     "oracle-dino2-vits16-p0", "oracle-dino2-vits16-p0.5",
+    "simdino-vitb16", "simdino-vitl16", "dino-vitl16-100ep", "simdino-vits16", "simdino-vits16-nosd",
+    "dino-vits16-nosd", "simdino-vitb16-200ep", "dino-vitb16-200ep",
 ]
 
 
 # Presets whose recipe has no published result: `source.reported` is `{}` and the notes say why.
-NO_PUBLISHED_NUMBER = {"dino-rn50"}
+NO_PUBLISHED_NUMBER = {"dino-rn50", "dino-vitl16-100ep", "dino-vits16-nosd"}
 
 
 def raw(name: str) -> dict:
@@ -186,6 +188,38 @@ def test_simdino_dino_baseline():
     assert c.method.freeze_last_layer == 1 and c.method.warmup_teacher_temp_epochs == 30
     assert c.data.local_crops == 10
     assert c.data.global_crops_scale == (0.4, 1.0) and c.data.local_crops_scale == (0.05, 0.4)
+
+
+def test_simdino_vitb16_recipe():
+    c = load_config("simdino-vitb16")
+    assert c.method.name == "simdino" and c.source.table == "1"
+    assert c.source.reported == {"knn": 74.9, "linear": 77.3}
+    assert (c.method.out_dim, c.method.hidden_dim, c.method.eps2, c.method.gamma) == (256, 2048, 0.05, None)
+    assert (c.method.covariance, c.method.expansion_input, c.method.momentum_teacher) == ("global", "mean", 0.996)
+    assert c.optim.batch_size == 512 and c.optim.lr == 0.0005 and c.optim.lr_scaling == "linear"
+    assert c.optim.clip_grad == 3.0 and c.optim.clip_mode == "per_param"
+    assert (c.optim.weight_decay, c.optim.weight_decay_end, c.optim.warmup_epochs) == (0.04, 0.4, 10)
+    assert c.model.drop_path_rate == 0.1 and c.train.epochs == 100 and c.data.local_crops == 10
+    assert c.data.global_crops_scale == (0.4, 1.0) and c.data.local_crops_scale == (0.05, 0.4)
+
+
+@pytest.mark.parametrize("name, arch, epochs, self_distillation, reported", [
+    ("simdino-vitl16", "vit_large_patch16_224", 100, True, {"knn": 75.6, "linear": 77.4}),
+    ("simdino-vits16", "vit_small_patch16_224", 100, True, {"knn": 69.7, "linear": 73.6}),
+    ("simdino-vits16-nosd", "vit_small_patch16_224", 100, False, {"knn": 58.6, "linear": 68.0}),
+    ("simdino-vitb16-200ep", "vit_base_patch16_224", 200, True, {"knn": 76.0, "linear": 77.7}),
+    ("dino-vitb16-200ep", "vit_base_patch16_224", 200, True, {"knn": 73.6, "linear": 77.1}),
+    ("dino-vitl16-100ep", "vit_large_patch16_224", 100, True, {}),
+    ("dino-vits16-nosd", "vit_small_patch16_224", 100, False, {}),
+])
+def test_simdino_paper_rows_change_only_their_axis(name, arch, epochs, self_distillation, reported):
+    c = load_config(name)
+    base = load_config("simdino-vitb16" if c.method.name == "simdino" else "dino-vitb16-100ep")
+    assert (c.model.arch, c.train.epochs, c.method.self_distillation) == (arch, epochs, self_distillation)
+    assert c.source.reported == reported and c.source.paper.startswith("SimDINO")
+    assert c.optim == base.optim and c.data == base.data
+    changed = {k for k in vars(c.method) if getattr(c.method, k) != getattr(base.method, k)}
+    assert changed <= {"self_distillation"}
 
 
 COMPUTE_ROWS = {  # Table 8, 300-epoch column (+ k-NN from Table 7 / appendix where printed)

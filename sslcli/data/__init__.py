@@ -3,7 +3,8 @@
 Modules: builtin (procedural `builtin:shapes`), folder (ImageFolder-order index + cache),
 datasets (ImageDataset, open_dataset), transforms (MultiCropTransform, eval_transform),
 loader (TrainSet, EpochBatchSampler, collate_views, build_train_loader), batch (Batch: what the
-training engine receives).
+training engine receives), photometric (the colour chain on the device), decode (`data.decode_on:
+device`: JPEG decoding and cropping on the device).
 """
 
 from sslcli.data.batch import Batch

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
+from sslcli.data.decode import EncodedViews, decode_views
 from sslcli.data.photometric import PhotometricParams, apply_photometric
 
 
@@ -25,6 +26,8 @@ class Batch:
     photometric: `data.augment_on: device`: one PhotometricParams per view (global then local),
       the views then being uint8 crops to colour and normalise with `colour()`; None when the
       views are already augmented float tensors.
+    encoded: `data.decode_on: device`: the views still as JPEG bytes + crop boxes (CPU, untouched by
+      `to` and `pin_memory`); global_views and local_views are empty until `decode()`. None otherwise.
     """
 
     global_views: list[Tensor]
@@ -36,6 +39,7 @@ class Batch:
     bad: Tensor
     masks: Tensor | None = None
     photometric: list[PhotometricParams] | None = None
+    encoded: EncodedViews | None = None
 
     @classmethod
     def from_views(cls, views: list[Tensor], global_views: int = 2) -> "Batch":
@@ -55,12 +59,24 @@ class Batch:
         return int(self.ids.shape[0])
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> "Batch":
-        """Every tensor on `device` (uint8 views cross as uint8: 4x fewer bytes than float32)."""
+        """Every tensor on `device` (uint8 views cross as uint8: 4x fewer bytes than float32); encoded
+        views stay on the CPU."""
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "Batch":
         """Called by DataLoader(pin_memory=True) in its pinning thread."""
         return self._map(lambda t: t.pin_memory())
+
+    def decode(self, device: torch.device | str) -> "Batch":
+        """`data.decode_on: device`: decode, crop, resize and flip the views on `device` -> uint8 views
+        [B, 3, S, S] there (sslcli.data.decode.decode_views; images that fail count in `bad`, which
+        stays where it was). Unchanged without encoded views. Call it before `to` to read `bad` on the
+        host without a device sync."""
+        if self.encoded is None:
+            return self
+        views, failed = decode_views(self.encoded, device)
+        g = self.encoded.global_views
+        return replace(self, global_views=views[:g], local_views=views[g:], encoded=None, bad=self.bad + failed)
 
     def colour(self, mean: Sequence[float], std: Sequence[float]) -> "Batch":
         """The device half of the augmentation: uint8 views -> coloured, normalised float32 views
@@ -74,6 +90,8 @@ class Batch:
     def _map(self, fn) -> "Batch":
         changes = {}
         for f in fields(self):
+            if f.name == "encoded":  # CPU bytes for decode_jpeg: neither pinned nor moved
+                continue
             value = getattr(self, f.name)
             if isinstance(value, Tensor):
                 changes[f.name] = fn(value)

@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from sslcli.data.builtin import make_shapes
+from sslcli.data.decode import Source, read_source
 from sslcli.data.folder import scan_image_folder
 from sslcli.errors import DataError, hint
 
@@ -69,6 +70,16 @@ class ImageDataset(Dataset):
         with open(path, "rb") as f:
             img = Image.open(f)
             return img.convert("RGB")  # convert() decodes fully, inside the `with`
+
+    def load_source(self, i: int) -> Source:
+        """Image `i` for `data.decode_on: device`: the file's JPEG bytes and header size when the
+        device can decode them, else decoded here (uint8 [3, H, W]); see sslcli.data.decode.
+
+        Raises like `load` on an unreadable file or header (a JPEG body is only checked on the device).
+        """
+        if self._images is not None:
+            return Source.from_pil(self._images[i])
+        return read_source(self.root / self.paths[i])  # type: ignore[operator]
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         """(RGB PIL image, label) of image `i`."""

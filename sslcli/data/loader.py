@@ -10,6 +10,10 @@ Neighbour bootstrapping: the sampler holds the epoch's plan j* [N] (set by the e
 epoch, `EpochBatchSampler.plan`) and yields (epoch, i, j*) triples; the loader workers load x_i
 for the first global view and the local views and x_{j*} for the second global view. The plan
 travels as three ints per sample in the index queue: nothing is shared between processes.
+
+`data.decode_on: device` (CUDA): the workers read bytes instead of decoding, make the same draws
+from the image sizes and ship DecodePlans; `Batch.decode` cuts the crops on the device
+(sslcli.data.decode).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from sslcli.config import DataConfig
 from sslcli.data.batch import Batch
 from sslcli.data.datasets import ImageDataset
+from sslcli.data.decode import DecodeGeometry, DecodePlan, EncodedViews, decodes_on_device
 from sslcli.data.photometric import PhotometricParams
 from sslcli.data.transforms import train_transform
 from sslcli.errors import DataError
@@ -50,13 +55,16 @@ class TrainSet(Dataset):
     (seed, epoch, i) seed. When image i cannot be read, the next images (i+1,
     i+2, ... mod N) are tried deterministically; "index"/"label" are those of the image used and
     "bad" counts the skipped ones (an unreadable x_j gives a standard pair, also counted). A warning is logged once per bad file per process; DataError after
-    MAX_CONSECUTIVE_BAD consecutive failures.
+    MAX_CONSECUTIVE_BAD consecutive failures. With a DecodeGeometry transform (`decode_on: device`)
+    images are read with `ImageDataset.load_source` and "crops" is a DecodePlan (sslcli.data.decode).
     """
 
     def __init__(self, dataset: ImageDataset, transform: Callable, base_seed: int):
         self.dataset = dataset
         self.transform = transform
         self.base_seed = base_seed
+        # decode_on: device: bytes + header sizes (DecodeGeometry), not decoded images
+        self._read = dataset.load_source if getattr(transform, "reads_sources", False) else dataset.load
         self._warned: set[int] = set()
 
     def __len__(self) -> int:
@@ -87,7 +95,7 @@ class TrainSet(Dataset):
     def _try_load(self, j: int):
         """Image j, or None when it cannot be read (warned once per file and process)."""
         try:
-            return self.dataset.load(j)
+            return self._read(j)
         except Exception as e:  # PIL raises many types on corrupt files
             if j not in self._warned:
                 self._warned.add(j)
@@ -188,11 +196,20 @@ class EpochBatchSampler(Sampler):
 
 
 def collate_views(samples: list[dict], global_views: int = 2) -> Batch:
-    """Stack TrainSet samples into a Batch (the first `global_views` crops are the global views)."""
-    views = [torch.stack([s["crops"][v] for s in samples]) for v in range(len(samples[0]["crops"]))]
+    """Stack TrainSet samples into a Batch (the first `global_views` crops are the global views).
+
+    DecodePlans (`decode_on: device`) become `Batch.encoded`, the views then empty until Batch.decode.
+    """
+    views, encoded = [], None
+    if isinstance(samples[0]["crops"], DecodePlan):
+        encoded = EncodedViews.collate([s["crops"] for s in samples], [(s["index"], s["second"]) for s in samples],
+                                       global_views)
+    else:
+        views = [torch.stack([s["crops"][v] for s in samples]) for v in range(len(samples[0]["crops"]))]
     photometric = None
     if samples[0].get("params") is not None:  # device path: uint8 views + their colour parameters
-        photometric = [PhotometricParams.stack([s["params"][v] for s in samples]) for v in range(len(views))]
+        photometric = [PhotometricParams.stack([s["params"][v] for s in samples])
+                       for v in range(len(samples[0]["params"]))]
     return Batch(
         global_views=views[:global_views], local_views=views[global_views:],
         ids=torch.tensor([s["index"] for s in samples], dtype=torch.long),
@@ -200,20 +217,24 @@ def collate_views(samples: list[dict], global_views: int = 2) -> Batch:
         labels=torch.tensor([s["label"] for s in samples], dtype=torch.long),
         seeds=torch.tensor([s["seed"] for s in samples], dtype=torch.long),
         bad=torch.tensor(sum(s["bad"] for s in samples), dtype=torch.long),
-        photometric=photometric,
+        photometric=photometric, encoded=encoded,
     )
 
 
 def build_train_loader(dataset: ImageDataset, cfg: DataConfig, batch_size_total: int, rank: int,
                        world: int, seed: int, workers: int,
-                       pin_memory: bool) -> tuple[DataLoader, EpochBatchSampler]:
+                       pin_memory: bool, device: torch.device | str | None = None,
+                       decode_on_cpu: bool = False) -> tuple[DataLoader, EpochBatchSampler]:
     """DataLoader of multi-crop batches for this rank, and its sampler (for set_position).
 
     Each batch is a `Batch` (collate_views) of b = batch_size_total // world images. Workers are
     persistent with prefetch_factor 4 when workers > 0. `seed` must be the same on all ranks.
+    `device`: the training device; `data.decode_on: device` applies on CUDA only (decodes_on_device),
+    then the batches need `Batch.decode(device)`. `decode_on_cpu`: apply it on any device (benchmarks).
     """
     sampler = EpochBatchSampler(len(dataset), batch_size_total, rank, world, seed)
-    trainset = TrainSet(dataset, train_transform(cfg), base_seed=seed)
+    transform = DecodeGeometry(cfg) if decodes_on_device(cfg, device, decode_on_cpu) else train_transform(cfg)
+    trainset = TrainSet(dataset, transform, base_seed=seed)
     loader = DataLoader(trainset, batch_sampler=sampler, num_workers=workers,
                         collate_fn=collate_views, pin_memory=pin_memory,
                         persistent_workers=workers > 0,

@@ -112,28 +112,41 @@ class MultiCropTransform:
                 f"local={self.local_crops} x {self.local})")
 
 
+Box = tuple[int, int, int, int]  # (top, left, height, width) of a crop, in pixels of the source image
+ViewDraw = tuple[Box, bool, dict]  # (crop box, horizontal flip, photometric parameters) of one view
+
+
+def _dims(width: int, height: int) -> torch.Tensor:
+    """A stand-in image [1, height, width] with one element of storage: RandomResizedCrop.get_params
+    reads only an image's dimensions, so the draws need the size (e.g. from a JPEG header), not pixels."""
+    return torch.empty(1).expand(1, height, width)
+
+
 class GeometryView:
-    """The worker half of one view on the device path: crop and flip the PIL image, and draw the
-    view's photometric parameters, returning (uint8 [3, S, S], parameter dict).
+    """The worker half of one view on the device path: draw the view's crop box, flip and photometric
+    parameters (`draw`), then crop + resize + flip the PIL image (`apply`) -> (uint8 [3, S, S], params).
 
     The random draws are made in the order and with the generators of the reference chain
     (RRC, flip, RandomApply + ColorJitter.get_params, RandomGrayscale: torch; blur, solarize:
     Python's `random`), so under the same seed both paths crop identically and draw the same
-    colour parameters; only where the colour work runs differs. `solarize_p` None: no solarize
-    step in this view (the reference chain then draws nothing for it).
+    colour parameters; only where the colour work runs differs. `draw` needs only the image size,
+    which is what lets `data.decode_on: device` (sslcli.data.decode) make exactly these draws
+    from a JPEG header and crop on the device. `solarize_p` None: no solarize step in this view
+    (the reference chain then draws nothing for it).
     """
 
     def __init__(self, cfg: DataConfig, size: int, scale: tuple[float, float], blur_p: float,
                  solarize_p: float | None = None):
         self.rrc = T.RandomResizedCrop(size, scale=tuple(scale), interpolation=INTERPOLATION[cfg.interpolation])
+        self.size = size
         self.jitter = T.ColorJitter(*cfg.color_jitter)
         self.jitter_p, self.gray_p, self.blur_p, self.solarize_p = (cfg.color_jitter_prob, cfg.grayscale_prob,
                                                                     blur_p, solarize_p)
 
-    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, dict]:
-        img = self.rrc(img)
-        if torch.rand(1) < 0.5:
-            img = TF.hflip(img)
+    def draw(self, width: int, height: int) -> ViewDraw:
+        """All random draws of the view for a width x height source image, in the reference order."""
+        box = T.RandomResizedCrop.get_params(_dims(width, height), self.rrc.scale, self.rrc.ratio)
+        flip = bool(torch.rand(1) < 0.5)
         params = {"order": [0, 1, 2, 3], "brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
         if not self.jitter_p < torch.rand(1):  # RandomApply's test
             j = self.jitter
@@ -145,7 +158,16 @@ class GeometryView:
         params["grayscale"] = bool(torch.rand(1) < self.gray_p)
         params["blur_sigma"] = random.uniform(0.1, 2.0) if random.random() < self.blur_p else 0.0
         params["solarize"] = self.solarize_p is not None and random.random() < self.solarize_p
-        return TF.pil_to_tensor(img), params  # (3, S, S) uint8; datasets load RGB
+        return box, flip, params
+
+    def apply(self, img: Image.Image, box: Box, flip: bool) -> torch.Tensor:
+        """PIL crop `box` resized to S x S (RandomResizedCrop's own resize), flipped -> uint8 [3, S, S]."""
+        img = TF.resized_crop(img, *box, self.rrc.size, self.rrc.interpolation, antialias=self.rrc.antialias)
+        return TF.pil_to_tensor(TF.hflip(img) if flip else img)  # (3, S, S) uint8; datasets load RGB
+
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, dict]:
+        box, flip, params = self.draw(*img.size)
+        return self.apply(img, box, flip), params
 
 
 class MultiCropGeometry:
@@ -153,6 +175,7 @@ class MultiCropGeometry:
 
     PIL image -> (uint8 crops [3, S, S] per view, photometric parameter dict per view); the colour
     chain then runs batched on the training device (sslcli.data.photometric.apply_photometric).
+    `draw` alone makes every view's draws from the image sizes (`data.decode_on: device`).
     """
 
     def __init__(self, cfg: DataConfig):
@@ -162,10 +185,22 @@ class MultiCropGeometry:
         self.local = GeometryView(cfg, cfg.local_crop_size, cfg.local_crops_scale, p_local)
         self.local_crops = cfg.local_crops
 
+    @property
+    def views(self) -> list[GeometryView]:
+        """The view transforms in view order: global 1, global 2, then the local ones."""
+        return [self.global1, self.global2] + [self.local] * self.local_crops
+
+    def draw(self, size: tuple[int, int], second: tuple[int, int] | None = None) -> list[ViewDraw]:
+        """Per view (box, flip, params) for an image of `size` = (width, height); global view 2 is
+        drawn on the `second` image's size when given (neighbour bootstrapping)."""
+        sizes = [size, size if second is None else second] + [size] * self.local_crops
+        return [view.draw(*s) for view, s in zip(self.views, sizes)]
+
     def __call__(self, img: Image.Image, second: Image.Image | None = None) -> tuple[list[torch.Tensor], list[dict]]:
-        views = [self.global1(img), self.global2(img if second is None else second)]
-        views.extend(self.local(img) for _ in range(self.local_crops))
-        return [v[0] for v in views], [v[1] for v in views]
+        sources = [img, img if second is None else second] + [img] * self.local_crops
+        draws = self.draw(img.size, None if second is None else second.size)
+        crops = [view.apply(src, box, flip) for view, src, (box, flip, _) in zip(self.views, sources, draws)]
+        return crops, [params for _, _, params in draws]
 
 
 def train_transform(cfg: DataConfig) -> MultiCropTransform | MultiCropGeometry:

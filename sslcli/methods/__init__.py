@@ -6,9 +6,10 @@ from sslcli.config import MethodConfig, ModelConfig
 from sslcli.errors import ConfigError, hint
 from sslcli.methods.base import Method, StepContext, StepOutput
 from sslcli.methods.dino import DINO
+from sslcli.methods.simdino import SimDINO
 from sslcli.methods.simsiam import SimSiam
 
-METHODS = {"dino": DINO, "simsiam": SimSiam}
+METHODS = {"dino": DINO, "simsiam": SimSiam, "simdino": SimDINO}
 
 
 def build_method(model_cfg: ModelConfig, method_cfg: MethodConfig, epochs: int, steps_per_epoch: int) -> Method:

@@ -9,6 +9,7 @@ batch the trainer calls, in this order:
   method.after_step(ctx, out)          EMA, centres, memories (from the tensors in `out.state`)
 `ctx` says the epoch, the global step and whether to compute diagnostics. `method.health(record)`
 reads a metrics record and names collapse signals; the thresholds are the method's own.
+`method.divergence_hint(terms)` explains non-finite terms in the engine's divergence error.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import Tensor, nn
 
 from sslcli.data import Batch
-from sslcli.models import Backbone
+from sslcli.models import Backbone, ema_update
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,10 @@ class Method(nn.Module, ABC):
             return [("std", f"embedding std {std:.2e} << 1/sqrt(d): representation collapse")]
         return []
 
+    def divergence_hint(self, terms: list[str]) -> str:
+        """A sentence on what non-finite `terms` mean for this method ("" when nothing to add)."""
+        return ""
+
     # -- shared machinery
 
     @property
@@ -114,3 +120,38 @@ class Method(nn.Module, ABC):
             if module is backbone:
                 return f"{name}.model."
         raise ValueError("backbone is not a sub-module of this method")
+
+
+class SelfDistillation(Method):
+    """Base of the DINO family: a student, its EMA teacher (the evaluated network) and the momentum.
+
+    `make_network(drop_path_rate)` builds one network (None: the model config's drop path, for the
+    student; 0.0 for the teacher). The teacher starts as a copy of the student, takes no gradient
+    and, after every optimizer step, moves by teacher <- m teacher + (1 - m) student with m =
+    momentum[step]; without self-distillation m = 0: the teacher is the student at every step.
+    """
+
+    def __init__(self, make_network: Callable[[float | None], nn.Module], momentum: list[float],
+                 self_distillation: bool = True):
+        super().__init__()
+        self.student = make_network(None)
+        self.teacher = make_network(0.0)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.momentum = momentum  # per iteration
+        self.self_distillation = self_distillation
+
+    @property
+    def evaluated_backbone(self) -> Backbone:
+        return self.teacher.backbone
+
+    def teacher_momentum(self, step: int) -> float:
+        """EMA momentum of this step; 0 without self-distillation (the teacher copies the student)."""
+        if not self.self_distillation:
+            return 0.0
+        return self.momentum[min(step, len(self.momentum) - 1)]
+
+    @torch.no_grad()
+    def after_step(self, ctx: StepContext, out: StepOutput) -> None:
+        """The teacher EMA with this step's momentum."""
+        ema_update(self.teacher, self.student, self.teacher_momentum(ctx.step))

@@ -8,7 +8,9 @@ average of the student without drop-path, sees the two global crops. The loss is
   per iteration; the centre is updated with the global-batch mean of the teacher logits
   c <- center_momentum * c + (1 - center_momentum) * mean(t) (all-reduced across processes).
 The teacher temperature warms up linearly per epoch (warmup_teacher_temp -> teacher_temp).
-During the first `freeze_last_layer` epochs the head's last layer gets no update. The head's
+During the first `freeze_last_layer` epochs the head's last layer gets no update. With
+`self_distillation: false` the momentum is 0: the teacher is a copy of the student at every step
+(SimDINO's Table 8, where DINO collapses). The head's
 last layer and the loss run in fp32 under bf16 autocast.
 
 Collapse checks (`health`): a uniform teacher (per-image entropy near log K with KL ~ 0:
@@ -30,36 +32,27 @@ from sslcli import diagnostics
 from sslcli.config import DINOConfig, ModelConfig
 from sslcli.data import Batch
 from sslcli.losses import dino_loss
-from sslcli.methods.base import Method, StepContext, StepOutput
-from sslcli.models import Backbone, DINOHead, MultiCropNetwork, create_backbone, ema_update
+from sslcli.methods.base import SelfDistillation, StepContext, StepOutput
+from sslcli.models import DINOHead, MultiCropNetwork, create_backbone
 from sslcli.schedules import cosine_schedule, teacher_temperature_schedule
 
 
-class DINO(Method):
+class DINO(SelfDistillation):
     """Student, EMA teacher and centre; see the module docstring for the equations."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: DINOConfig, epochs: int, steps_per_epoch: int):
-        super().__init__()
+        def network(drop_path_rate: float | None) -> MultiCropNetwork:
+            backbone = create_backbone(model_cfg, drop_path_rate=drop_path_rate)
+            head = DINOHead(backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
+                            cfg.head_layers, cfg.use_bn_in_head, cfg.norm_last_layer)
+            return MultiCropNetwork(backbone, head)
+
+        momentum = cosine_schedule(cfg.momentum_teacher, cfg.momentum_teacher_end, epochs, steps_per_epoch)
+        super().__init__(network, momentum, cfg.self_distillation)
         self.cfg = cfg
-        self.student = self._network(model_cfg, cfg, drop_path_rate=None)
-        self.teacher = self._network(model_cfg, cfg, drop_path_rate=0.0)
-        self.teacher.load_state_dict(self.student.state_dict())
-        self.teacher.requires_grad_(False)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))
-        self.momentum = cosine_schedule(cfg.momentum_teacher, cfg.momentum_teacher_end, epochs, steps_per_epoch)
         self.teacher_temp = teacher_temperature_schedule(
             cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs, epochs)
-
-    @staticmethod
-    def _network(model_cfg: ModelConfig, cfg: DINOConfig, drop_path_rate: float | None) -> MultiCropNetwork:
-        backbone = create_backbone(model_cfg, drop_path_rate=drop_path_rate)
-        head = DINOHead(backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
-                        cfg.head_layers, cfg.use_bn_in_head, cfg.norm_last_layer)
-        return MultiCropNetwork(backbone, head)
-
-    @property
-    def evaluated_backbone(self) -> Backbone:
-        return self.teacher.backbone
 
     def loss(self, batch: Batch, ctx: StepContext) -> StepOutput:
         """Teacher on the global views, student on every view; centre update in after_step."""
@@ -70,11 +63,8 @@ class DINO(Method):
         loss = dino_loss(student_logits, teacher_logits, self.center, self.cfg.student_temp, temp)
         anchor = teacher_feats[: batch.size].detach()  # (B, D) teacher CLS of global view 1
         stats = self._stats(teacher_logits, loss, temp, anchor) if ctx.with_stats else {}
-        scalars = {"momentum": self._momentum(ctx.step), "teacher_temp": temp}
+        scalars = {"momentum": self.teacher_momentum(ctx.step), "teacher_temp": temp}
         return StepOutput(loss, {"dino": loss.detach()}, scalars, stats, anchor, {"teacher_logits": teacher_logits})
-
-    def _momentum(self, step: int) -> float:
-        return self.momentum[min(step, len(self.momentum) - 1)]
 
     @torch.no_grad()
     def _update_center(self, teacher_logits: list[Tensor]) -> None:
@@ -120,4 +110,4 @@ class DINO(Method):
     def after_step(self, ctx: StepContext, out: StepOutput) -> None:
         """Centre from this step's teacher logits, then the teacher EMA with this step's momentum."""
         self._update_center(out.state["teacher_logits"])
-        ema_update(self.teacher, self.student, self._momentum(ctx.step))
+        super().after_step(ctx, out)

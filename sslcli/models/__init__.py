@@ -2,8 +2,8 @@
 
 from sslcli.models.backbone import Backbone, create_backbone
 from sslcli.models.ema import ema_update
-from sslcli.models.heads import DINOHead, SimSiamPredictor, SimSiamProjector
+from sslcli.models.heads import DINOHead, ProjectionHead, SimSiamPredictor, SimSiamProjector
 from sslcli.models.multicrop import MultiCropNetwork
 
-__all__ = ["Backbone", "create_backbone", "ema_update", "DINOHead", "MultiCropNetwork", "SimSiamPredictor",
+__all__ = ["Backbone", "create_backbone", "ema_update", "DINOHead", "MultiCropNetwork", "ProjectionHead", "SimSiamPredictor",
            "SimSiamProjector"]

@@ -6,6 +6,9 @@ then a weight-normalised linear layer bottleneck -> K without bias. With norm_la
 gain is frozen at 1, so logits are cosines to K unit-norm prototypes. The last layer runs in fp32
 under autocast (the MLP follows the autocast dtype).
 
+ProjectionHead (SimDINO, Wu et al. 2025): DINOHead without the prototype layer, i.e. the MLP
+in -> hidden -> hidden -> out then L2-normalise; same init.
+
 SimSiamProjector / SimSiamPredictor (Chen & He 2021, Sec. 4.1 and the authors' simsiam/builder.py):
 BN-MLPs with PyTorch's default Linear / BN initialisation (the authors' code keeps torchvision's).
 """
@@ -68,6 +71,18 @@ class DINOHead(nn.Module):
         # which at teacher temperature 0.04 visibly moves the teacher distribution.
         with torch.autocast(x.device.type, enabled=False):
             return self.last_layer(x.float())  # (B, K) float32
+
+
+class ProjectionHead(nn.Module):
+    """[B, in_dim] -> [B, out_dim] unit-norm embeddings (an MLP as DINOHead's, no prototypes)."""
+
+    def __init__(self, in_dim: int, out_dim: int = 256, hidden_dim: int = 2048, layers: int = 3):
+        super().__init__()
+        self.mlp = mlp(in_dim, hidden_dim, out_dim, layers, use_bn=False)
+        self.mlp.apply(_init_linear)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.mlp(x), dim=-1)  # (B, out_dim), unit norm, autocast dtype
 
 
 def _init_linear(m: nn.Module) -> None:

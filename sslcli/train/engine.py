@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,15 +61,17 @@ class DivergenceGuard:
         self.first_step = torch.where(new, torch.full_like(self.first_step, step), self.first_step)
         self.bad_terms = torch.where(new, nonfinite, self.bad_terms)
 
-    def check(self, last_checkpoint: Path | None) -> None:
-        """Host sync. Raises TrainingError naming the step and the non-finite terms."""
+    def check(self, last_checkpoint: Path | None, hint: Callable[[list[str]], str] | None = None) -> None:
+        """Host sync. Raises TrainingError naming the step and the non-finite terms (and what
+        `hint(terms)` says they mean, e.g. Method.divergence_hint)."""
         first = int(self.first_step.item())
         if first < 0:
             return
         terms = [n for n, bad in zip(self.names, self.bad_terms.tolist()) if bad and n != "loss"] or ["loss"]
         kept = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
-        raise TrainingError(f"training diverged: non-finite {', '.join(terms)} at step {first + 1}; "
-                            f"stopped ({kept})")
+        why = hint(terms) if hint is not None else ""
+        raise TrainingError(f"training diverged: non-finite {', '.join(terms)} at step {first + 1}"
+                            f"{f' ({why})' if why else ''}; stopped ({kept})")
 
 
 class StopRequest:

@@ -106,6 +106,7 @@ def _train(cfg: Config, opts: RunOptions, env: DistEnv, reporter: Reporter,
     knn = _read_knn_history(opts.out) if opts.resume else {}
     trainer.fit(opts.resume, knn)
     summary = _summary(cfg, env, trainer.state, knn, time.time() - started, len(dataset))
+    summary["health_warnings"] = sorted(trainer.warned)  # collapse signals the method named (this invocation)
     if env.is_main:
         (opts.out / runfiles.SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -1,6 +1,7 @@
 """The training loop, one for all methods: a `Trainer` per process.
 
-Per batch: batch.to(device) (uint8 crops) -> batch.colour (the photometric augmentation, batched on
+Per batch: batch.decode(device) (`data.decode_on: device`: JPEG bytes -> uint8 crops on the device) ->
+batch.to(device) (uint8 crops) -> batch.colour (the photometric augmentation, batched on
 the device, `data.augment_on: device`) -> method.loss(batch, ctx) -> backward -> method.cancel_gradients ->
 clip (per parameter or global) -> optimizer step -> method.after_step(ctx, out) (EMA, centre) ->
 bootstrap.observe(ids, anchor). Schedules are precomputed per iteration. The step has no host
@@ -75,7 +76,8 @@ class Trainer:
         self.cfg, self.out, self.env, self.reporter = cfg, out, env, reporter
         self.dataset = dataset
         self.loader, self.sampler = build_train_loader(dataset, cfg.data, cfg.optim.batch_size, env.rank, env.world,
-                                                       cfg.train.seed, cfg.train.workers, env.device.type == "cuda")
+                                                       cfg.train.seed, cfg.train.workers, env.device.type == "cuda",
+                                                       device=env.device)
         spe = self.sampler.steps_per_epoch
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.method: Method = build_method(cfg.model, cfg.method, cfg.train.epochs, spe).to(env.device)
@@ -130,7 +132,7 @@ class Trainer:
             with self.stop.installed():
                 for epoch in range(state.step // spe, cfg.train.epochs):
                     self._epoch(epoch)
-                    self.guard.check(state.last_checkpoint)
+                    self.guard.check(state.last_checkpoint, self.method.divergence_hint)
                     if self.bootstrap is not None:
                         self._end_bootstrap_epoch(epoch)
                     self.save(epoch + 1)
@@ -150,7 +152,8 @@ class Trainer:
         for batch in self.loader:
             state.data_wait += timed(clock)
             log_now = (state.step + 1) % self.cfg.train.log_every == 0
-            state.bad_images += int(batch.bad)  # read on the host, before the batch moves
+            batch = batch.decode(self.env.device)  # data.decode_on: device: JPEG bytes -> uint8 crops (else no-op)
+            state.bad_images += int(batch.bad)  # read on the host (decode failures included), before the batch moves
             batch = batch.to(self.env.device).colour(self.cfg.data.mean, self.cfg.data.std)  # device augmentation
             out = self._step(batch, StepContext(epoch, state.step, log_now))
             if log_now:
@@ -158,7 +161,7 @@ class Trainer:
                 self._log(epoch)
             state.compute += timed(clock)
             if self.stop.requested if self.env.world == 1 else log_now and any_rank(self.stop.requested, self.env):
-                self.guard.check(state.last_checkpoint)
+                self.guard.check(state.last_checkpoint, self.method.divergence_hint)
                 self.save(None)
                 raise Interrupted(f"interrupted at step {state.step}; checkpoint written to {state.last_checkpoint} "
                                   f"(continue with --resume --out {self.out})")
@@ -183,7 +186,7 @@ class Trainer:
 
     def _log(self, epoch: int) -> None:
         state = self.state
-        self.guard.check(state.last_checkpoint)
+        self.guard.check(state.last_checkpoint, self.method.divergence_hint)
         record = self._record(epoch)
         reset_interval(state)
         if not self.env.is_main:
