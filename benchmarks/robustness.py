@@ -16,7 +16,9 @@ Every run trains for --epochs epochs (the same budget for both methods) with `ss
 in a subprocess and reports the weighted k-NN top-1 of the teacher on builtin:shapes:val (or
 --knn-val) before and after, the gain, and whether it collapsed: the run diverged, the method's
 health check warned (summary "health_warnings"), or the k-NN did not improve. Prints one table
-and writes every row to --out/robustness.json. A 2-core CPU takes about 2 minutes per run.
+and writes every row to --out/robustness.json. A 2-core CPU takes about 2 minutes per run. Cells
+whose run directory already holds a summary.json of the same --epochs are read instead of re-run,
+so an interrupted grid continues where it stopped.
 """
 
 from __future__ import annotations
@@ -68,18 +70,23 @@ def cells(methods: list[str], axes: list[str]) -> list[tuple[str, str, object, l
 def run_cell(args: argparse.Namespace, method: str, axis: str, value, overrides: list[str]) -> dict:
     out = args.out / f"{method}-{axis}-{value}"
     sets = [f"train.epochs={args.epochs}", f"monitor.knn_every={args.epochs}", *overrides]
-    for key, value in (("data.path", args.data), ("monitor.knn_train", args.knn_train), ("monitor.knn_val", args.knn_val)):
-        if value:
-            sets.append(f"{key}={value}")
+    for key, given in (("data.path", args.data), ("monitor.knn_train", args.knn_train), ("monitor.knn_val", args.knn_val)):
+        if given:
+            sets.append(f"{key}={given}")
     cmd = [sys.executable, "-m", "sslcli", "pretrain", "--preset", PRESETS[method], "--out", str(out), "--json"]
     cmd += [x for s in sets for x in ("--set", s)]
-    started = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    row = {"method": method, "axis": axis, "value": value, "wall_s": round(time.time() - started, 1)}
-    if proc.returncode != 0:
-        return row | {"status": "diverged" if "diverged" in proc.stderr else f"error {proc.returncode}",
-                      "error": proc.stderr.strip().splitlines()[-1:] or [""], "collapsed": True}
-    summary = json.loads(proc.stdout)
+    done = out / "summary.json"  # a finished cell of an earlier invocation is read, not re-run
+    if done.exists() and json.loads(done.read_text()).get("epochs") == args.epochs:
+        summary = json.loads(done.read_text())
+        row = {"method": method, "axis": axis, "value": value, "wall_s": summary.get("wall_seconds")}
+    else:
+        started = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        row = {"method": method, "axis": axis, "value": value, "wall_s": round(time.time() - started, 1)}
+        if proc.returncode != 0:
+            return row | {"status": "diverged" if "diverged" in proc.stderr else f"error {proc.returncode}",
+                          "error": proc.stderr.strip().splitlines()[-1:] or [""], "collapsed": True}
+        summary = json.loads(proc.stdout)
     init, final = summary.get("knn_top1_init"), summary.get("knn_top1_final")
     warnings = summary.get("health_warnings", [])
     return row | {"status": "ok", "knn_init": init, "knn_final": final, "gain": round(final - init, 1),

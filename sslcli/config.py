@@ -101,6 +101,51 @@ class SimDINOConfig:
 
 
 @dataclass
+class DINOv2Config:
+    """DINOv2 as trained in the SimDINO paper (sslcli.methods.dinov2): DINO CLS loss + iBOT + KoLeo."""
+
+    name: Literal["dinov2"] = "dinov2"
+    out_dim: int = 65536  # K, prototypes of the CLS head (and of the shared patch head)
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    head_layers: int = 3
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07  # final teacher temperature
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 30
+    # ema: DINO's centre (momentum center_momentum) then softmax; sinkhorn_knopp: 3 SK iterations
+    centering: Literal["ema", "sinkhorn_knopp"] = "ema"
+    center_momentum: float = 0.9
+    ibot_separate_head: bool = False  # false: one head for CLS and patch tokens (both released configs)
+    ibot_out_dim: int = 65536  # prototypes of the separate patch head (ibot_separate_head only)
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1  # on the student backbone CLS of each global view
+    freeze_last_layer: int = 1  # epochs during which the heads' last layers are not updated
+    momentum_teacher: float = 0.992
+    momentum_teacher_end: float = 1.0
+    self_distillation: bool = True
+
+
+@dataclass
+class SimDINOv2Config:
+    """SimDINOv2 (sslcli.methods.simdinov2): SimDINO's CLS loss + a cosine loss on masked patches."""
+
+    name: Literal["simdinov2"] = "simdinov2"
+    out_dim: int = 256  # d, the shared head's L2-normalised output
+    hidden_dim: int = 2048
+    head_layers: int = 3
+    eps2: float = 0.05
+    gamma: float | None = None  # None: 1/n + 1/d
+    covariance: Literal["global", "local"] = "global"
+    expansion_input: Literal["mean", "student"] = "mean"
+    patch_weight: float = 1.0
+    momentum_teacher: float = 0.9
+    momentum_teacher_end: float = 1.0
+    self_distillation: bool = True
+
+
+@dataclass
 class SimSiamConfig:
     """SimSiam (sslcli.methods.simsiam): projector and predictor widths, fixed predictor lr."""
 
@@ -112,8 +157,9 @@ class SimSiamConfig:
 
 
 # The `method:` section is one of these, selected by its `name` (the whole wiring: a literal dict).
-METHOD_CONFIGS: dict[str, type] = {"dino": DINOConfig, "simsiam": SimSiamConfig, "simdino": SimDINOConfig}
-MethodConfig = DINOConfig | SimSiamConfig | SimDINOConfig
+METHOD_CONFIGS: dict[str, type] = {"dino": DINOConfig, "simsiam": SimSiamConfig, "simdino": SimDINOConfig,
+                                   "dinov2": DINOv2Config, "simdinov2": SimDINOv2Config}
+MethodConfig = DINOConfig | SimSiamConfig | SimDINOConfig | DINOv2Config | SimDINOv2Config
 
 
 @dataclass
@@ -148,6 +194,13 @@ class DataConfig:
     # device: with augment_on device on CUDA, workers ship JPEG bytes + crop boxes and the batch is decoded
     # (nvJPEG), cropped and resized on the training device; worker: workers decode with PIL. CPU runs: worker.
     decode_on: Literal["worker", "device"] = "worker"
+    # Masked image modelling (DINOv2 family, SOVE): block masks on the global crops' patch grid.
+    # dinov2: int(mask_probability * G) of the G global crops of a global batch are masked, with
+    # fractions stratified over [mask_ratio]; ibot: every global crop, fraction uniform in mask_ratio.
+    masking: Literal["none", "dinov2", "ibot"] = "none"
+    mask_probability: float = 0.5
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    mask_min_block: int | None = 4  # patches; None: (min(h, w) // 3)^2 (iBOT / SOVE: 16 on 14 x 14)
     color_jitter_prob: float = 0.8
     color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
     grayscale_prob: float = 0.2
@@ -164,7 +217,8 @@ class OptimConfig:
     name: Literal["adamw", "sgd", "lars"] = "adamw"
     batch_size: int = 1024
     lr: float = 0.0005  # per 256 images
-    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"  # lr * (batch/256) or sqrt(batch/1024)
+    # linear: lr x batch/256 (DINO family); sqrt1024 (alias sqrt): lr x sqrt(batch/1024) (DINOv2); none
+    lr_scaling: Literal["linear", "sqrt1024", "sqrt", "none"] = "linear"
     min_lr: float = 1.0e-6
     warmup_epochs: int = 10
     weight_decay: float = 0.04
@@ -367,6 +421,9 @@ def validate(cfg: Config) -> None:
         (cfg.bootstrap.window >= 1, "bootstrap.window must be >= 1"),
         (cfg.bootstrap.top_k >= 2, "bootstrap.top_k must be >= 2 (self and at least one neighbour)"),
         (0 <= cfg.bootstrap.p <= 1, "bootstrap.p must be in [0, 1]"),
+        (0 < cfg.data.mask_probability <= 1, "data.mask_probability must be in (0, 1]"),
+        (0 <= cfg.data.mask_ratio[0] <= cfg.data.mask_ratio[1] < 1, "data.mask_ratio must be 0 <= low <= high < 1"),
+        (cfg.data.mask_min_block is None or cfg.data.mask_min_block >= 1, "data.mask_min_block must be >= 1"),
         (cfg.data.decode_on == "worker" or cfg.data.augment_on == "device",
          "data.decode_on: device needs data.augment_on: device (the device crops feed the device augmentation)"),
     ] + _method_checks(cfg)
@@ -377,16 +434,23 @@ def validate(cfg: Config) -> None:
 
 def _method_checks(cfg: Config) -> list[tuple[bool, str]]:
     m = cfg.method
+    masked = isinstance(m, DINOv2Config | SimDINOv2Config)
+    checks = [(masked == (cfg.data.masking != "none"),
+               f"method {m.name} {'needs' if masked else 'takes no'} masks: set data.masking="
+               f"{'dinov2' if masked else 'none'}")]
     if isinstance(m, SimSiamConfig):
-        return [(cfg.data.local_crops == 0, "method simsiam takes exactly 2 views per image: set data.local_crops=0"),
-                (m.out_dim > 0 and m.hidden_dim > 0 and m.pred_dim > 0, "method widths must be positive")]
-    if isinstance(m, SimDINOConfig):
-        return [(m.out_dim > 0 and m.hidden_dim > 0, "method widths must be positive"),
-                (m.eps2 > 0, "method.eps2 must be positive"),
-                (m.gamma is None or m.gamma >= 0, "method.gamma must be >= 0 (or null: 1/n + 1/d)"),
-                (0 <= m.momentum_teacher <= m.momentum_teacher_end <= 1,
-                 "method.momentum_teacher must satisfy 0 <= momentum_teacher <= momentum_teacher_end <= 1")]
-    return [(m.out_dim > 0, "method.out_dim must be positive"),
-            (m.warmup_teacher_temp_epochs <= cfg.train.epochs,
-             "method.warmup_teacher_temp_epochs must not exceed train.epochs"),
-            (0 <= m.center_momentum <= 1, "method.center_momentum must be in [0, 1]")]
+        return checks + [
+            (cfg.data.local_crops == 0, "method simsiam takes exactly 2 views per image: set data.local_crops=0"),
+            (m.out_dim > 0 and m.hidden_dim > 0 and m.pred_dim > 0, "method widths must be positive")]
+    if isinstance(m, SimDINOConfig | SimDINOv2Config):
+        return checks + [
+            (m.out_dim > 0 and m.hidden_dim > 0, "method widths must be positive"),
+            (m.eps2 > 0, "method.eps2 must be positive"),
+            (m.gamma is None or m.gamma >= 0, "method.gamma must be >= 0 (or null: 1/n + 1/d)"),
+            (0 <= m.momentum_teacher <= m.momentum_teacher_end <= 1,
+             "method.momentum_teacher must satisfy 0 <= momentum_teacher <= momentum_teacher_end <= 1")]
+    return checks + [  # DINO, DINOv2
+        (m.out_dim > 0 and getattr(m, "ibot_out_dim", 1) > 0, "method.out_dim must be positive"),
+        (m.warmup_teacher_temp_epochs <= cfg.train.epochs,
+         "method.warmup_teacher_temp_epochs must not exceed train.epochs"),
+        (0 <= m.center_momentum <= 1, "method.center_momentum must be in [0, 1]")]

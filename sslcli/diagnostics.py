@@ -8,6 +8,8 @@ std of the L2-normalised vectors near 0 (healthy: about 1/sqrt(d)) and an effect
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -29,3 +31,21 @@ def effective_rank(z: Tensor) -> Tensor:
     s = torch.linalg.svdvals(z)
     p = s / s.sum().clamp_min(1e-12)
     return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+
+
+def prototype_collapse(record: dict, out_dim: int) -> list[tuple[str, str]]:
+    """(kind, message) signals of the two prototype collapses in a metrics record (DINO family).
+
+    uniform: per-image teacher entropy above 0.9 log K with KL ~ 0 (centering dominates);
+    onehot: the batch-mean teacher output has entropy < 0.1 nats (sharpening dominates).
+    """
+    found = []
+    entropy = record.get("teacher_entropy")
+    if entropy is not None and record.get("kl", 1.0) < 1e-3 and entropy > 0.9 * math.log(out_dim):
+        found.append(("uniform", "teacher output is near uniform and KL ~ 0: collapse "
+                                 "(centering dominates; lower the teacher temperature?)"))
+    marginal = record.get("teacher_marginal_entropy")
+    if marginal is not None and marginal < 0.1:  # sharp per image is fine; one prototype for all is not
+        found.append(("onehot", "the teacher puts the whole batch on one prototype: collapse "
+                                "(sharpening dominates; check centering / temperature)"))
+    return found

@@ -24,6 +24,7 @@ PAPER_PRESETS = [
     "oracle-dino2-vits16-p0", "oracle-dino2-vits16-p0.5",
     "simdino-vitb16", "simdino-vitl16", "dino-vitl16-100ep", "simdino-vits16", "simdino-vits16-nosd",
     "dino-vits16-nosd", "simdino-vitb16-200ep", "dino-vitb16-200ep",
+    "dinov2-vitb16", "dinov2-vitl16", "simdinov2-vitb16", "simdinov2-vitl16",
 ]
 
 
@@ -220,6 +221,34 @@ def test_simdino_paper_rows_change_only_their_axis(name, arch, epochs, self_dist
     assert c.optim == base.optim and c.data == base.data
     changed = {k for k in vars(c.method) if getattr(c.method, k) != getattr(base.method, k)}
     assert changed <= {"self_distillation"}
+
+
+def test_dinov2_vitb16_recipe():
+    c = load_config("dinov2-vitb16")
+    assert c.source.reported == {"knn": 76.0, "linear": 77.2} and c.source.table == "1"
+    assert c.model.kwargs == {"reg_tokens": 4, "init_values": 1e-5} and c.model.drop_path_rate == 0.3
+    assert c.model.pos_embed_resample == "antialias"
+    m = c.method
+    assert (m.name, m.out_dim, m.centering, m.ibot_separate_head, m.koleo_weight) == ("dinov2", 65536, "ema", False, 0.1)
+    assert (m.momentum_teacher, m.warmup_teacher_temp, m.teacher_temp, m.warmup_teacher_temp_epochs) == (0.992, 0.04, 0.07, 30)
+    o = c.optim
+    assert (o.lr, o.lr_scaling, o.batch_size, o.layer_decay, o.patch_embed_lr_mult) == (0.004, "sqrt1024", 1024, 0.9, 0.2)
+    assert (o.clip_grad, o.clip_mode, o.weight_decay, o.weight_decay_end) == (3.0, "global", 0.04, 0.4)
+    assert (c.data.masking, c.data.mask_probability, c.data.mask_ratio, c.data.mask_min_block) == ("dinov2", 0.5, (0.1, 0.5), 4)
+
+
+@pytest.mark.parametrize("name, arch, method, init_values, reported", [
+    ("dinov2-vitl16", "vit_large_patch16_224", "dinov2", 1e-5, {"knn": 80.8, "linear": 82.0}),
+    ("simdinov2-vitb16", "vit_base_patch16_224", "simdinov2", 0.1, {"knn": 78.1, "linear": 79.7}),
+    ("simdinov2-vitl16", "vit_large_patch16_224", "simdinov2", 0.1, {"knn": 81.1, "linear": 82.4}),
+])
+def test_dinov2_family_rows_share_the_pipeline(name, arch, method, init_values, reported):
+    c, base = load_config(name), load_config("dinov2-vitb16")
+    assert (c.model.arch, c.method.name, c.model.kwargs["init_values"]) == (arch, method, init_values)
+    assert c.source.reported == reported
+    assert c.optim == base.optim and c.data == base.data and c.model.drop_path_rate == 0.3
+    if method == "simdinov2":
+        assert (c.method.out_dim, c.method.eps2, c.method.momentum_teacher, c.method.patch_weight) == (256, 0.05, 0.9, 1.0)
 
 
 COMPUTE_ROWS = {  # Table 8, 300-epoch column (+ k-NN from Table 7 / appendix where printed)

@@ -4,7 +4,8 @@ Modules: builtin (procedural `builtin:shapes`), folder (ImageFolder-order index 
 datasets (ImageDataset, open_dataset), transforms (MultiCropTransform, eval_transform),
 loader (TrainSet, EpochBatchSampler, collate_views, build_train_loader), batch (Batch: what the
 training engine receives), photometric (the colour chain on the device), decode (`data.decode_on:
-device`: JPEG decoding and cropping on the device).
+device`: JPEG decoding and cropping on the device), masking (block masks for masked image
+modelling, MaskPlan: the masks of the training batches).
 """
 
 from sslcli.data.batch import Batch

@@ -21,7 +21,9 @@ class Batch:
     local_views: the L local views, each [B, 3, Hl, Wl] (crops of `ids`).
     ids, second_ids, labels: int64 [B] (labels -1 when unlabeled).
     seeds: int64 [B], the per-(seed, epoch, image) seed every random draw of the sample came from.
-    masks: bool [G, B, N] patch masks of the global views, or None (methods without masking).
+    masks: bool [G, B, N] patch masks of the global views (True = masked, patch p = row * w + col),
+      or None (data.masking: none); drawn in the workers (sslcli.data.masking.MaskPlan), moved,
+      pinned and kept through decode / colour like the other tensors.
     bad: int64 scalar, unreadable images skipped while building this batch.
     photometric: `data.augment_on: device`: one PhotometricParams per view (global then local),
       the views then being uint8 crops to colour and normalise with `colour()`; None when the

@@ -11,6 +11,12 @@ epoch, `EpochBatchSampler.plan`) and yields (epoch, i, j*) triples; the loader w
 for the first global view and the local views and x_{j*} for the second global view. The plan
 travels as three ints per sample in the index queue: nothing is shared between processes.
 
+Masked image modelling (`data.masking`: dinov2 | ibot, sslcli.data.masking.MaskPlan): the sampler
+draws each global batch's per-slot target patch counts from (seed, epoch, step) and appends a
+sample's G targets to its key, (epoch, i, j, t_1, ..., t_G) (j = i without bootstrapping); the
+worker draws the sample's block masks [G, N] from its own (seed, epoch, i) generator and
+collate_views stacks them into Batch.masks [G, B, N]. Crops and random streams are unchanged.
+
 `data.decode_on: device` (CUDA): the workers read bytes instead of decoding, make the same draws
 from the image sizes and ship DecodePlans; `Batch.decode` cuts the crops on the device
 (sslcli.data.decode).
@@ -30,6 +36,7 @@ from sslcli.config import DataConfig
 from sslcli.data.batch import Batch
 from sslcli.data.datasets import ImageDataset
 from sslcli.data.decode import DecodeGeometry, DecodePlan, EncodedViews, decodes_on_device
+from sslcli.data.masking import MaskPlan
 from sslcli.data.photometric import PhotometricParams
 from sslcli.data.transforms import train_transform
 from sslcli.errors import DataError
@@ -48,21 +55,24 @@ def sample_seed(base_seed: int, epoch: int, index: int) -> int:
 class TrainSet(Dataset):
     """Augmented training samples addressed by (epoch, index).
 
-    `trainset[(epoch, i)]` or `trainset[(epoch, i, j)]` -> {"crops": list of tensors (one per
-    view), "params": None or one photometric-parameter dict per view (augment_on: device, with
-    uint8 crops), "index": int, "label": int, "second": int, "bad": int, "seed": int}; with j != i
-    the second global view is cropped from image j ("second"); "seed" is the sample's
-    (seed, epoch, i) seed. When image i cannot be read, the next images (i+1,
-    i+2, ... mod N) are tried deterministically; "index"/"label" are those of the image used and
-    "bad" counts the skipped ones (an unreadable x_j gives a standard pair, also counted). A warning is logged once per bad file per process; DataError after
-    MAX_CONSECUTIVE_BAD consecutive failures. With a DecodeGeometry transform (`decode_on: device`)
+    `trainset[(epoch, i)]`, `trainset[(epoch, i, j)]` or `trainset[(epoch, i, j, t_1, ..., t_G)]` ->
+    {"crops": list of tensors (one per view), "params": None or one photometric-parameter dict per
+    view (augment_on: device, with uint8 crops), "index": int, "label": int, "second": int,
+    "bad": int, "seed": int, "masks": None or bool [G, N]}; with j != i the second global view is
+    cropped from image j ("second"); "seed" is the sample's (seed, epoch, i) seed. With targets t
+    (masking on) "masks" are `masks.draw(seed, t)`, drawn after the crops from their own generator.
+    When image i cannot be read, the next images (i+1, i+2, ... mod N) are tried deterministically;
+    "index"/"label" are those of the image used and "bad" counts the skipped ones (an unreadable x_j
+    gives a standard pair, also counted). A warning is logged once per bad file per process;
+    DataError after MAX_CONSECUTIVE_BAD consecutive failures. With a DecodeGeometry transform (`decode_on: device`)
     images are read with `ImageDataset.load_source` and "crops" is a DecodePlan (sslcli.data.decode).
     """
 
-    def __init__(self, dataset: ImageDataset, transform: Callable, base_seed: int):
+    def __init__(self, dataset: ImageDataset, transform: Callable, base_seed: int, masks: MaskPlan | None = None):
         self.dataset = dataset
         self.transform = transform
         self.base_seed = base_seed
+        self.masks = masks
         # decode_on: device: bytes + header sizes (DecodeGeometry), not decoded images
         self._read = dataset.load_source if getattr(transform, "reads_sources", False) else dataset.load
         self._warned: set[int] = set()
@@ -114,7 +124,15 @@ class TrainSet(Dataset):
         out = self._augment(img, second, seed)
         crops, params = out if isinstance(out, tuple) else (out, None)  # device path: (uint8 crops, params)
         return {"crops": crops, "params": params, "index": used, "label": int(self.dataset.labels[used]),
-                "second": j, "bad": bad, "seed": seed}
+                "second": j, "bad": bad, "seed": seed, "masks": self._masks(seed, key[3:])}
+
+    def _masks(self, seed: int, targets: tuple[int, ...]):
+        """bool [G, N] masks of the sample's global crops, or None when its key carries no targets."""
+        if not targets:
+            return None
+        if self.masks is None:
+            raise ValueError("the sample key carries mask targets but this TrainSet has no MaskPlan")
+        return self.masks.draw(seed, [int(t) for t in targets])
 
 
 class EpochBatchSampler(Sampler):
@@ -126,22 +144,36 @@ class EpochBatchSampler(Sampler):
     current step, then moves to the start of the next epoch. The position advances when the
     iteration starts (first batch drawn), not as batches are consumed (workers prefetch): the
     engine keeps its own (epoch, step) for checkpoints and calls `set_position` on resume.
+
+    mask_plan: (epoch, step) -> int64 [G, batch_size_total] target patch counts of the global
+    batch's crop slots (MaskPlan.targets); when set, keys become (epoch, i, j, t_1, ..., t_G) with
+    this rank's columns of the plan, so the targets follow the position in the global batch.
     """
 
     def __init__(self, n: int, batch_size_total: int, rank: int, world: int, seed: int,
-                 start_epoch: int = 0, start_step: int = 0):
+                 start_epoch: int = 0, start_step: int = 0,
+                 mask_plan: Callable[[int, int], torch.Tensor] | None = None):
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"invalid rank {rank} for world size {world}")
-        if batch_size_total < 1 or batch_size_total % world:
-            raise DataError(f"batch size {batch_size_total} is not divisible by the number of "
-                            f"processes {world}")
-        if n < batch_size_total:
-            raise DataError(f"dataset has {n} images, fewer than the batch size {batch_size_total}")
+        self.check_sizes(n, batch_size_total, world)
+        self.mask_plan = mask_plan
         self.n, self.batch_size_total, self.rank, self.world = n, batch_size_total, rank, world
         self.batch_size = batch_size_total // world
         self.seed = seed
         self.plan: torch.Tensor | None = None  # j* [n] of the coming epoch (bootstrapping), else None
         self.set_position(start_epoch, start_step)
+
+    @staticmethod
+    def check_sizes(n: int, batch_size_total: int, world: int) -> int:
+        """Steps per epoch of n images in global batches of batch_size_total over `world` processes;
+        DataError when the batch does not split evenly or exceeds the dataset (so the trainer can
+        check before it builds the method, which needs steps per epoch)."""
+        if batch_size_total < 1 or batch_size_total % world:
+            raise DataError(f"batch size {batch_size_total} is not divisible by the number of "
+                            f"processes {world}")
+        if n < batch_size_total:
+            raise DataError(f"dataset has {n} images, fewer than the batch size {batch_size_total}")
+        return n // batch_size_total
 
     @property
     def steps_per_epoch(self) -> int:
@@ -177,28 +209,34 @@ class EpochBatchSampler(Sampler):
     def __len__(self) -> int:
         return self.steps_per_epoch - self._step
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
         return self._batches()
 
-    def _batches(self) -> Iterator[list[tuple[int, int]]]:
+    def _batches(self) -> Iterator[list[tuple[int, ...]]]:
         # A generator: the position is read and advanced at the first next(), not at iter().
         # DataLoader calls iter() on its batch sampler twice when it starts workers and drops
         # the first iterator unused; that one must not consume an epoch.
         epoch, step = self._epoch, self._step
         self._epoch, self._step = epoch + 1, 0
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
-        plan = self.plan
-        for batch in self.global_batches(epoch)[step:, lo:hi]:
-            if plan is None:
-                yield [(epoch, i) for i in batch.tolist()]
+        plan, mask_plan = self.plan, self.mask_plan
+        for s, batch in enumerate(self.global_batches(epoch)[step:, lo:hi], start=step):
+            ids = batch.tolist()
+            if mask_plan is not None:
+                seconds = ids if plan is None else plan[batch].tolist()
+                targets = mask_plan(epoch, s)[:, lo:hi].t().tolist()  # (b, G): this rank's slots
+                yield [(epoch, i, j, *t) for i, j, t in zip(ids, seconds, targets)]
+            elif plan is None:
+                yield [(epoch, i) for i in ids]
             else:
-                yield [(epoch, i, j) for i, j in zip(batch.tolist(), plan[batch].tolist())]
+                yield [(epoch, i, j) for i, j in zip(ids, plan[batch].tolist())]
 
 
 def collate_views(samples: list[dict], global_views: int = 2) -> Batch:
     """Stack TrainSet samples into a Batch (the first `global_views` crops are the global views).
 
     DecodePlans (`decode_on: device`) become `Batch.encoded`, the views then empty until Batch.decode.
+    Sample masks [G, N] (masking on) stack into Batch.masks [G, B, N]; None otherwise.
     """
     views, encoded = [], None
     if isinstance(samples[0]["crops"], DecodePlan):
@@ -217,24 +255,36 @@ def collate_views(samples: list[dict], global_views: int = 2) -> Batch:
         labels=torch.tensor([s["label"] for s in samples], dtype=torch.long),
         seeds=torch.tensor([s["seed"] for s in samples], dtype=torch.long),
         bad=torch.tensor(sum(s["bad"] for s in samples), dtype=torch.long),
-        photometric=photometric, encoded=encoded,
+        masks=_stack_masks(samples), photometric=photometric, encoded=encoded,
     )
+
+
+def _stack_masks(samples: list[dict]) -> torch.Tensor | None:
+    """Per-sample (G, N) bool masks -> (G, B, N) bool (view-major, as the views), or None."""
+    if samples[0].get("masks") is None:
+        return None
+    return torch.stack([s["masks"] for s in samples], dim=1)
 
 
 def build_train_loader(dataset: ImageDataset, cfg: DataConfig, batch_size_total: int, rank: int,
                        world: int, seed: int, workers: int,
                        pin_memory: bool, device: torch.device | str | None = None,
-                       decode_on_cpu: bool = False) -> tuple[DataLoader, EpochBatchSampler]:
+                       decode_on_cpu: bool = False,
+                       mask_grid: tuple[int, int] | None = None) -> tuple[DataLoader, EpochBatchSampler]:
     """DataLoader of multi-crop batches for this rank, and its sampler (for set_position).
 
     Each batch is a `Batch` (collate_views) of b = batch_size_total // world images. Workers are
     persistent with prefetch_factor 4 when workers > 0. `seed` must be the same on all ranks.
     `device`: the training device; `data.decode_on: device` applies on CUDA only (decodes_on_device),
     then the batches need `Batch.decode(device)`. `decode_on_cpu`: apply it on any device (benchmarks).
+    `mask_grid`: (h, w) patches of a global crop; required when `cfg.masking` is not none (the
+    batches then carry Batch.masks [G, B, h * w]), ignored otherwise.
     """
-    sampler = EpochBatchSampler(len(dataset), batch_size_total, rank, world, seed)
+    masks = _mask_plan(cfg, mask_grid, batch_size_total, seed)
+    sampler = EpochBatchSampler(len(dataset), batch_size_total, rank, world, seed,
+                                mask_plan=None if masks is None else masks.targets)
     transform = DecodeGeometry(cfg) if decodes_on_device(cfg, device, decode_on_cpu) else train_transform(cfg)
-    trainset = TrainSet(dataset, transform, base_seed=seed)
+    trainset = TrainSet(dataset, transform, base_seed=seed, masks=masks)
     loader = DataLoader(trainset, batch_sampler=sampler, num_workers=workers,
                         collate_fn=collate_views, pin_memory=pin_memory,
                         persistent_workers=workers > 0,
@@ -243,3 +293,12 @@ def build_train_loader(dataset: ImageDataset, cfg: DataConfig, batch_size_total:
                         # global RNG, or a resumed run's drop-path stream would differ
                         generator=torch.Generator().manual_seed(seed))
     return loader, sampler
+
+
+def _mask_plan(cfg: DataConfig, grid: tuple[int, int] | None, batch_size_total: int, seed: int) -> MaskPlan | None:
+    """The run's MaskPlan (None with masking: none); a missing grid is a programming error."""
+    if cfg.masking == "none":
+        return None
+    if grid is None:
+        raise ValueError(f"data.masking={cfg.masking} needs the global crops' patch grid (mask_grid)")
+    return MaskPlan.build(cfg, grid, batch_size_total, seed)

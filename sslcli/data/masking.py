@@ -20,15 +20,26 @@ these deliberate choices (see `block_mask`):
   `random.randint(0, h - bh)`).
 Consequence of the first choice: with SOVE's 16-patch blocks, a 30 % target (58 of 196) ends at
 43..58 patches (~26 % on average) when no block fails; DINOv2's 4-patch blocks lose <= 3.
+
+Training batches (`data.masking`, `MaskPlan`): the masks are split in two draws so that they depend
+on neither workers nor processes while each worker only sees its own samples. The sampler (main
+process) draws per global batch the target patch count of every global-crop slot from
+`mask_generator(seed, epoch, step)` (`MaskPlan.targets`); each sample's key carries its slots'
+targets, and the worker draws the sample's block masks from its own per-(seed, epoch, image)
+generator (`MaskPlan.draw`), apart from the crops' generators, so enabling masks changes no crop.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from sslcli.config import DataConfig
 
 MIN_ASPECT = 0.3  # block aspect ratio (height / width) is log-uniform in [0.3, 1 / 0.3]
 LOG_ASPECT = (math.log(MIN_ASPECT), math.log(1 / MIN_ASPECT))
@@ -144,3 +155,85 @@ def sove_masks(n_images: int, n_global: int, h: int, w: int, generator: torch.Ge
     n_masked = int(ratio * h * w)
     masks = [block_mask(h, w, n_masked, min_block, generator).flatten() for _ in range(n_images * n_global)]
     return _by_view(torch.stack(masks), n_global, n_images)  # (G, N) -> (n_global, n_images, N)
+
+
+def default_min_block(h: int, w: int) -> int:
+    """(min(h, w) // 3)**2, at least 1: iBOT / SOVE's large blocks (16 patches on 14 x 14)."""
+    return max(1, (min(h, w) // 3) ** 2)
+
+
+@dataclass(frozen=True)
+class MaskPlan:
+    """The block masks of the global crops of every training batch (`data.masking`, module doc).
+
+    A global batch of n images has G * n crop slots, slot (v, k) = global view v of the k-th image
+    of the global batch; `targets(epoch, step)` gives each slot's target patch count (0: unmasked):
+    - dinov2: int(probability * G * n) slots are masked, the i-th with target int(N * U(r_i, r_{i+1})),
+      r = linspace(low, high, n_masked + 1) (stratified: every global batch spans the ratio range),
+      dealt to a random permutation of the slots (an image's crops are masked independently), as
+      `dinov2_masks`; blocks are capped at half the grid (DINOv2's max_num_patches);
+    - ibot: every slot targets int(N * U(low, high)) (low == high: a fixed ratio, SOVE's 0.3);
+      blocks uncapped, as `sove_masks`.
+    Drawn from `mask_generator(seed, epoch, step)` only, so a slot's target depends on (seed, epoch,
+    step, slot), never on how the batch is split. `draw(sample_seed, targets)` then places the blocks
+    of one image's crops. Frozen and plain: it travels to spawned workers with the dataset.
+    """
+
+    kind: str  # dinov2 | ibot
+    grid: tuple[int, int]  # (h, w) patches of a global crop, N = h * w
+    n_images: int  # images per global batch (all processes)
+    views: int  # G global crops per image
+    seed: int
+    probability: float
+    ratio: tuple[float, float]
+    min_block: int
+
+    @classmethod
+    def build(cls, cfg: DataConfig, grid: tuple[int, int], n_images: int, seed: int) -> MaskPlan:
+        """The plan of `cfg.masking` (dinov2 | ibot) on an (h, w) patch grid, n_images per global batch."""
+        if cfg.masking not in ("dinov2", "ibot"):
+            raise ValueError(f"no mask plan for data.masking={cfg.masking}")
+        h, w = grid
+        min_block = cfg.mask_min_block if cfg.mask_min_block is not None else default_min_block(h, w)
+        return cls(cfg.masking, (h, w), n_images, cfg.global_crops, seed, cfg.mask_probability,
+                   (float(cfg.mask_ratio[0]), float(cfg.mask_ratio[1])), min_block)
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def max_block(self) -> int | None:
+        """DINOv2 caps a block at half the grid (never below min_block); iBOT / SOVE do not."""
+        return max(self.min_block, int(0.5 * self.n_patches)) if self.kind == "dinov2" else None
+
+    def targets(self, epoch: int, step: int) -> Tensor:
+        """int64 [G, n]: the target patch count of every slot of global batch `step` (0: unmasked)."""
+        gen = mask_generator(self.seed, epoch, step)
+        low, high = self.ratio
+        if self.kind == "ibot":
+            ratios = low + (high - low) * torch.rand(self.views, self.n_images, generator=gen, dtype=torch.float64)
+            return (ratios * self.n_patches).long()  # truncation = int() for ratios >= 0
+        n_slots = self.views * self.n_images
+        n_masked = int(self.probability * n_slots)
+        bounds = torch.linspace(low, high, n_masked + 1, dtype=torch.float64)
+        u = torch.rand(n_masked, generator=gen, dtype=torch.float64)
+        targets = torch.zeros(n_slots, dtype=torch.long)
+        targets[:n_masked] = ((bounds[:-1] + (bounds[1:] - bounds[:-1]) * u) * self.n_patches).long()
+        order = torch.randperm(n_slots, generator=gen)  # the masked slots: a random subset
+        return targets[order].view(self.views, self.n_images)  # slot v * n + k -> (v, k)
+
+    def draw(self, sample_seed: int, targets: Sequence[int]) -> Tensor:
+        """(G, N) bool masks of one image's global crops with these targets (patch p = row * w + col).
+
+        One generator seeded with sample_seed ^ MASK_SALT (sample_seed: the image's (seed, epoch, index)
+        seed), drawn view after view: the masks depend on the image and its slots' targets only,
+        and the crops' own generators are not touched.
+        """
+        h, w = self.grid
+        gen = torch.Generator().manual_seed(sample_seed ^ MASK_SALT)
+        masks = torch.zeros(len(targets), self.n_patches, dtype=torch.bool)  # (G, N) bool
+        for v, target in enumerate(targets):
+            if target > 0:
+                masks[v] = block_mask(h, w, int(target), self.min_block, gen, self.max_block).flatten()
+        return masks

@@ -6,10 +6,12 @@ from sslcli.config import MethodConfig, ModelConfig
 from sslcli.errors import ConfigError, hint
 from sslcli.methods.base import Method, StepContext, StepOutput
 from sslcli.methods.dino import DINO
+from sslcli.methods.dinov2 import DINOv2
 from sslcli.methods.simdino import SimDINO
+from sslcli.methods.simdinov2 import SimDINOv2
 from sslcli.methods.simsiam import SimSiam
 
-METHODS = {"dino": DINO, "simsiam": SimSiam, "simdino": SimDINO}
+METHODS = {"dino": DINO, "simsiam": SimSiam, "simdino": SimDINO, "dinov2": DINOv2, "simdinov2": SimDINOv2}
 
 
 def build_method(model_cfg: ModelConfig, method_cfg: MethodConfig, epochs: int, steps_per_epoch: int) -> Method:

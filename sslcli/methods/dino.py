@@ -22,8 +22,6 @@ Config: DINOConfig (all fields); ModelConfig for the backbone.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -89,16 +87,7 @@ class DINO(SelfDistillation):
                 "embed_std": diagnostics.embedding_std(anchor), "embed_rank": diagnostics.effective_rank(anchor)}
 
     def health(self, record: dict) -> list[tuple[str, str]]:
-        found = []
-        entropy = record.get("teacher_entropy")
-        if entropy is not None and record.get("kl", 1.0) < 1e-3 and entropy > 0.9 * math.log(self.cfg.out_dim):
-            found.append(("uniform", "teacher output is near uniform and KL ~ 0: collapse "
-                                     "(centering dominates; lower the teacher temperature?)"))
-        marginal = record.get("teacher_marginal_entropy")
-        if marginal is not None and marginal < 0.1:  # sharp per image is fine; one prototype for all is not
-            found.append(("onehot", "the teacher puts the whole batch on one prototype: collapse "
-                                    "(sharpening dominates; check centering / temperature)"))
-        return found + super().health(record)
+        return diagnostics.prototype_collapse(record, self.cfg.out_dim) + super().health(record)
 
     def cancel_gradients(self, ctx: StepContext) -> None:
         """freeze_last_layer: drop the head's last-layer gradients during the first epochs."""

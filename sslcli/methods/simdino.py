@@ -33,7 +33,7 @@ import math
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
-from torch import Tensor
+from torch import Tensor, nn
 
 from sslcli import diagnostics
 from sslcli.config import ModelConfig, SimDINOConfig
@@ -52,14 +52,16 @@ class SimDINO(SelfDistillation):
     """Student, EMA teacher and the coding-rate loss; see the module docstring for the equations."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: SimDINOConfig, epochs: int, steps_per_epoch: int):
-        def network(drop_path_rate: float | None) -> MultiCropNetwork:
-            backbone = create_backbone(model_cfg, drop_path_rate=drop_path_rate)
-            return MultiCropNetwork(backbone, ProjectionHead(backbone.embed_dim, cfg.out_dim, cfg.hidden_dim,
-                                                             cfg.head_layers))
-
         momentum = cosine_schedule(cfg.momentum_teacher, cfg.momentum_teacher_end, epochs, steps_per_epoch)
-        super().__init__(network, momentum, cfg.self_distillation)
+        super().__init__(lambda drop_path_rate: self.network(model_cfg, cfg, drop_path_rate), momentum,
+                         cfg.self_distillation)
         self.cfg = cfg
+
+    @staticmethod
+    def network(model_cfg: ModelConfig, cfg: SimDINOConfig, drop_path_rate: float | None) -> nn.Module:
+        """Backbone + ProjectionHead (MLP -> out_dim, L2-normalised) over the multi-crop views."""
+        backbone = create_backbone(model_cfg, drop_path_rate=drop_path_rate)
+        return MultiCropNetwork(backbone, ProjectionHead(backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.head_layers))
 
     def loss(self, batch: Batch, ctx: StepContext) -> StepOutput:
         """Teacher on the global views, student on every view; the teacher EMA in after_step."""
@@ -67,28 +69,31 @@ class SimDINO(SelfDistillation):
             teacher_out, teacher_feats = self.teacher(batch.global_views)  # (B, d) per global view
         student_out, _ = self.student_forward(batch.views)  # (B, d) per view
         alignment = simdino_alignment(student_out, teacher_out)
-        rates = self._coding_rates(expansion_inputs(student_out, teacher_out, self.cfg.expansion_input))
-        n, d = batch.size * _world_size(), self.cfg.out_dim
-        gamma = simdino_gamma(n, d) if self.cfg.gamma is None else self.cfg.gamma
-        expansion = gamma * rates.mean()
+        expansion, rates = self.expansion(student_out, teacher_out, batch.size)
         loss = -alignment - expansion
         anchor = teacher_feats[: batch.size].detach()  # (B, D) teacher CLS of global view 1
-        stats = self._stats(teacher_out, rates, anchor) | {"alignment": alignment.detach()} if ctx.with_stats else {}
+        stats = self._stats(teacher_out[0], rates, alignment, anchor) if ctx.with_stats else {}
         terms = {"alignment": alignment.detach(), "expansion": expansion.detach()}
         return StepOutput(loss, terms, {"momentum": self.teacher_momentum(ctx.step)}, stats, anchor)
 
-    def _coding_rates(self, zs: list[Tensor]) -> Tensor:
-        """R(Z_a) per global view, [G] float32, with the Gram matrices reduced as method.covariance says."""
+    def expansion(self, student_out: list[Tensor], teacher_out: list[Tensor], batch_size: int) -> tuple[Tensor, Tensor]:
+        """(gamma * mean_a R(Z_a), the rates R(Z_a) [G]) with the Gram matrices reduced as
+        method.covariance says; n = batch_size x processes."""
+        zs = expansion_inputs(student_out, teacher_out, self.cfg.expansion_input)  # (B, d) per global view
         grams = torch.stack([z.T @ z for z in zs])  # (G, d, d) float32
         world = _world_size()
         if world > 1 and self.cfg.covariance == "global":
             grams = dist_fn.all_reduce(grams)  # autograd-aware sum: gradients reach every process's Z
-        return coding_rate_of_gram(grams, zs[0].shape[0] * world, self.cfg.eps2)
+        n = batch_size * world
+        rates = coding_rate_of_gram(grams, n, self.cfg.eps2)
+        gamma = simdino_gamma(n, self.cfg.out_dim) if self.cfg.gamma is None else self.cfg.gamma
+        return gamma * rates.mean(), rates
 
     @torch.no_grad()
-    def _stats(self, teacher_out: list[Tensor], rates: Tensor, anchor: Tensor) -> dict[str, Tensor]:
-        z = teacher_out[0].float()  # (B, d) unit-norm teacher outputs of global view 1
-        return {"coding_rate": rates.detach().mean(), "out_std": diagnostics.embedding_std(z),
+    def _stats(self, z: Tensor, rates: Tensor, alignment: Tensor, anchor: Tensor) -> dict[str, Tensor]:
+        z = z.float()  # (B, d) unit-norm teacher outputs of global view 1
+        return {"coding_rate": rates.detach().mean(), "alignment": alignment.detach(),
+                "out_std": diagnostics.embedding_std(z),
                 "out_rank": diagnostics.effective_rank(z),
                 "embed_std": diagnostics.embedding_std(anchor), "embed_rank": diagnostics.effective_rank(anchor)}
 

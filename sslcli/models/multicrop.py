@@ -36,3 +36,36 @@ class MultiCropNetwork(nn.Module):
         feats = torch.cat([self.backbone(torch.cat(views[a:b])) for a, b in same_size_runs(views)])  # (V*B, D)
         out = self.head(feats)  # (V*B, K)
         return list(out.chunk(len(views))), feats
+
+
+class MaskedMultiCropNetwork(nn.Module):
+    """Backbone + head over global and local crops with patch masks (DINOv2 family, iBOT).
+
+    forward(global_views, local_views, masks, mask_input) -> (cls_out, cls_feats, patch_out):
+      global_views: G tensors [B, 3, H, W]; local_views: L tensors [B, 3, h, w];
+      masks: [G, B, N] bool patch masks of the global views (None: no patch output);
+      mask_input: replace the masked patches by the mask token (the student) or not (the teacher,
+        whose patch outputs are still taken at the masked positions, the iBOT targets).
+      cls_out: G + L tensors [B, K], the head on each view's CLS (global first);
+      cls_feats: [G*B, D] the backbone CLS of the global views (KoLeo);
+      patch_out: [M, K'] the patch head on the masked patches, rows in the row-major order of
+        masks.flatten(0, 1) [G*B, N]; `patch_head` None shares `head`.
+    """
+
+    def __init__(self, backbone: Backbone, head: nn.Module, patch_head: nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.patch_head = patch_head
+
+    def forward(self, global_views: list[Tensor], local_views: list[Tensor], masks: Tensor | None,
+                mask_input: bool) -> tuple[list[Tensor], Tensor, Tensor | None]:
+        flat = masks.flatten(0, 1) if masks is not None else None  # (G*B, N)
+        cls, patch = self.backbone.forward_tokens(torch.cat(global_views), flat if mask_input else None)
+        feats = [cls] + [self.backbone(torch.cat(local_views[a:b])) for a, b in same_size_runs(local_views)]
+        cls_out = list(self.head(torch.cat(feats)).chunk(len(global_views) + len(local_views)))
+        patch_out = None
+        if flat is not None:
+            head = self.head if self.patch_head is None else self.patch_head
+            patch_out = head(patch[flat])  # (M, K')
+        return cls_out, cls, patch_out

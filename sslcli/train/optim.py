@@ -29,7 +29,7 @@ from sslcli.config import OptimConfig
 def scaled_lr(cfg: OptimConfig) -> float:
     if cfg.lr_scaling == "linear":
         return cfg.lr * cfg.batch_size / 256
-    if cfg.lr_scaling == "sqrt":
+    if cfg.lr_scaling in ("sqrt1024", "sqrt"):
         return cfg.lr * math.sqrt(cfg.batch_size / 1024)
     return cfg.lr
 

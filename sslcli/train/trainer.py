@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from sslcli import runfiles
 from sslcli.bootstrap import Bootstrapper
 from sslcli.config import Config, DataConfig, MonitorConfig, OptimConfig, to_yaml
-from sslcli.data import Batch, ImageDataset, build_train_loader
+from sslcli.data import Batch, EpochBatchSampler, ImageDataset, build_train_loader
 from sslcli.device import autocast
 from sslcli.errors import Interrupted, UsageError
 from sslcli.methods import Method, StepContext, StepOutput, build_method
@@ -75,12 +75,13 @@ class Trainer:
                  make_monitor: MonitorFactory | None = None):
         self.cfg, self.out, self.env, self.reporter = cfg, out, env, reporter
         self.dataset = dataset
-        self.loader, self.sampler = build_train_loader(dataset, cfg.data, cfg.optim.batch_size, env.rank, env.world,
-                                                       cfg.train.seed, cfg.train.workers, env.device.type == "cuda",
-                                                       device=env.device)
-        spe = self.sampler.steps_per_epoch
+        # The method comes before the loader (the mask grid needs its patch size); size errors first.
+        spe = EpochBatchSampler.check_sizes(len(dataset), cfg.optim.batch_size, env.world)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.method: Method = build_method(cfg.model, cfg.method, cfg.train.epochs, spe).to(env.device)
+        self.loader, self.sampler = build_train_loader(dataset, cfg.data, cfg.optim.batch_size, env.rank, env.world,
+                                                       cfg.train.seed, cfg.train.workers, env.device.type == "cuda",
+                                                       device=env.device, mask_grid=self._mask_grid())
         torch.manual_seed(cfg.train.seed + 1 + env.rank)  # then one random stream per rank (drop-path)
         self._distribute()
         if cfg.train.compile:
@@ -98,6 +99,13 @@ class Trainer:
             raise UsageError("monitor.knn_every is set but no monitor was given to pretrain()")
         self.monitor = make_monitor(cfg.monitor, cfg.data, cfg.data.path, env.device) if wants_monitor else None
         self.metrics: MetricsWriter | None = None
+
+    def _mask_grid(self) -> tuple[int, int] | None:
+        """(h, w) patches of a global crop for the loader's masks; None with data.masking: none."""
+        if self.cfg.data.masking == "none":
+            return None
+        side = self.cfg.data.global_crop_size // self.method.student_backbone.patch_size
+        return side, side
 
     def _distribute(self) -> None:
         if self.env.world == 1:
