@@ -14,8 +14,8 @@ the demo's, the others staying at the demo's:
   batch      optim.batch_size (lr scaled)      32 / 64 / 128         (both)
 Every run trains for --epochs epochs (the same budget for both methods) with `ssl pretrain --json`
 in a subprocess and reports the weighted k-NN top-1 of the teacher on builtin:shapes:val (or
---knn-val) before and after, the gain, and whether it collapsed: the run diverged, the method's
-health check warned (summary "health_warnings"), or the k-NN did not improve. Prints one table
+--knn-val) before and after, the gain, whether it improved, and whether it collapsed: the run
+diverged or the method's health check warned (summary "health_warnings"). Prints one table
 and writes every row to --out/robustness.json. A 2-core CPU takes about 2 minutes per run. Cells
 whose run directory already holds a summary.json of the same --epochs are read instead of re-run,
 so an interrupted grid continues where it stopped.
@@ -85,12 +85,12 @@ def run_cell(args: argparse.Namespace, method: str, axis: str, value, overrides:
         row = {"method": method, "axis": axis, "value": value, "wall_s": round(time.time() - started, 1)}
         if proc.returncode != 0:
             return row | {"status": "diverged" if "diverged" in proc.stderr else f"error {proc.returncode}",
-                          "error": proc.stderr.strip().splitlines()[-1:] or [""], "collapsed": True}
+                              "error": proc.stderr.strip().splitlines()[-1:] or [""], "collapsed": True, "improved": False}
         summary = json.loads(proc.stdout)
     init, final = summary.get("knn_top1_init"), summary.get("knn_top1_final")
     warnings = summary.get("health_warnings", [])
     return row | {"status": "ok", "knn_init": init, "knn_final": final, "gain": round(final - init, 1),
-                  "health_warnings": warnings, "collapsed": bool(warnings) or final <= init}
+                  "health_warnings": warnings, "collapsed": bool(warnings), "improved": final > init}
 
 
 def main() -> None:
@@ -102,7 +102,8 @@ def main() -> None:
         r = rows[-1]
         print(f"{r['method']:8s} {r['axis']:9s} {str(r['value']):>6s}  "
               f"{r.get('knn_init', '-')!s:>5s} -> {r.get('knn_final', '-')!s:>5s}  gain {r.get('gain', '-')!s:>5s}  "
-              f"{'COLLAPSED ' + ','.join(r.get('health_warnings', [])) if r['collapsed'] else 'ok'} "
+              f"{'improved' if r['improved'] else 'no gain'}"
+              f"{', collapse warned: ' + ','.join(r.get('health_warnings', [])) if r['collapsed'] else ''} "
               f"({r['status']}, {r['wall_s']} s)", flush=True)
     (args.out / "robustness.json").write_text(json.dumps({"epochs": args.epochs, "rows": rows}, indent=2) + "\n")
 

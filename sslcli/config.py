@@ -128,21 +128,12 @@ class DINOv2Config:
 
 
 @dataclass
-class SimDINOv2Config:
+class SimDINOv2Config(SimDINOConfig):
     """SimDINOv2 (sslcli.methods.simdinov2): SimDINO's CLS loss + a cosine loss on masked patches."""
 
-    name: Literal["simdinov2"] = "simdinov2"
-    out_dim: int = 256  # d, the shared head's L2-normalised output
-    hidden_dim: int = 2048
-    head_layers: int = 3
-    eps2: float = 0.05
-    gamma: float | None = None  # None: 1/n + 1/d
-    covariance: Literal["global", "local"] = "global"
-    expansion_input: Literal["mean", "student"] = "mean"
+    name: Literal["simdinov2"] = "simdinov2"  # type: ignore[assignment]
     patch_weight: float = 1.0
     momentum_teacher: float = 0.9
-    momentum_teacher_end: float = 1.0
-    self_distillation: bool = True
 
 
 @dataclass

@@ -159,3 +159,20 @@ def test_export_of_a_dinov2_run_loads_in_plain_timm_with_its_registers(tiny_conf
     model = timm.create_model(meta["arch"], pretrained=False, num_classes=0, **kwargs)
     model.load_state_dict(load_file(out))  # strict: no mask token, registers present
     assert model.reg_token.shape == (1, 4, 32)
+
+
+def test_the_mask_token_replaces_exactly_the_masked_positions_of_the_blocks_input():
+    backbone = tiny(SimDINOv2Config(out_dim=16, hidden_dim=32)).student.backbone.eval()
+    seen = []
+    backbone.model.blocks.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    masks = torch.zeros(2, 16, dtype=torch.bool)
+    masks[0, [1, 5, 6]] = True
+    masks[1, 15] = True
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        backbone.mask_token.normal_()
+        backbone.forward_tokens(x, masks)
+        backbone.forward_tokens(x)
+    changed = (seen[0] != seen[1]).any(-1)  # (B, prefix + N): which tokens differ
+    prefix = backbone.model.num_prefix_tokens  # cls + 2 registers, never masked
+    assert not changed[:, :prefix].any() and torch.equal(changed[:, prefix:], masks)
