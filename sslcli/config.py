@@ -20,6 +20,8 @@ from typing import Any, Literal
 import yaml
 
 from sslcli.errors import ConfigError, hint
+from sslcli.method_configs import (METHOD_CONFIGS, DINOConfig, DINOv2Config, MethodConfig,  # noqa: F401 (re-exported)
+                                   SimDINOConfig, SimDINOv2Config, SimSiamConfig)
 from sslcli.typed import from_dict, to_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -55,102 +57,6 @@ class ModelConfig:
     # ViT cls_token / pos_embed init: `dino` trunc-normal std 0.02 (DINO); `timm` keeps timm's
     # (cls_token std 1e-6).
     vit_token_init: Literal["dino", "timm"] = "dino"
-
-
-@dataclass
-class DINOConfig:
-    """DINO / DINO-2 (sslcli.methods.dino): head, temperatures, centre and teacher momentum."""
-
-    name: Literal["dino"] = "dino"
-    out_dim: int = 65536  # K, number of prototypes
-    hidden_dim: int = 2048  # head hidden width
-    bottleneck_dim: int = 256
-    head_layers: int = 3
-    use_bn_in_head: bool = False
-    norm_last_layer: bool = True
-    student_temp: float = 0.1
-    teacher_temp: float = 0.04  # final teacher temperature
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 0
-    center_momentum: float = 0.9
-    momentum_teacher: float = 0.996  # cosine from this to momentum_teacher_end, per iteration
-    momentum_teacher_end: float = 1.0
-    freeze_last_layer: int = 1  # epochs during which the head's last layer is not updated
-    # false: the teacher is the student at every step (no EMA; SimDINO's Table 8: DINO collapses)
-    self_distillation: bool = True
-
-
-@dataclass
-class SimDINOConfig:
-    """SimDINO (sslcli.methods.simdino): DINO without prototypes, with a coding-rate term."""
-
-    name: Literal["simdino"] = "simdino"
-    out_dim: int = 256  # d, width of the L2-normalised head output
-    hidden_dim: int = 2048
-    head_layers: int = 3
-    eps2: float = 0.05  # epsilon^2 of the coding rate (the authors' --eps)
-    gamma: float | None = None  # weight of the coding rate; None: 1/n + 1/d (n = global batch)
-    # global: Z^T Z summed over processes (independent of the process count); local: each process's
-    # own Z^T Z with the global n, as the authors' runs (reduce_cov=0)
-    covariance: Literal["global", "local"] = "global"
-    # mean: Z_a = (student_a + teacher_a) / 2 (the authors' code); student: student_a (the paper)
-    expansion_input: Literal["mean", "student"] = "mean"
-    momentum_teacher: float = 0.996  # cosine from this to momentum_teacher_end, per iteration
-    momentum_teacher_end: float = 1.0
-    self_distillation: bool = True  # false: the teacher is the student at every step (Table 8)
-
-
-@dataclass
-class DINOv2Config:
-    """DINOv2 as trained in the SimDINO paper (sslcli.methods.dinov2): DINO CLS loss + iBOT + KoLeo."""
-
-    name: Literal["dinov2"] = "dinov2"
-    out_dim: int = 65536  # K, prototypes of the CLS head (and of the shared patch head)
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    head_layers: int = 3
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07  # final teacher temperature
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 30
-    # ema: DINO's centre (momentum center_momentum) then softmax; sinkhorn_knopp: 3 SK iterations
-    centering: Literal["ema", "sinkhorn_knopp"] = "ema"
-    center_momentum: float = 0.9
-    ibot_separate_head: bool = False  # false: one head for CLS and patch tokens (both released configs)
-    ibot_out_dim: int = 65536  # prototypes of the separate patch head (ibot_separate_head only)
-    dino_weight: float = 1.0
-    ibot_weight: float = 1.0
-    koleo_weight: float = 0.1  # on the student backbone CLS of each global view
-    freeze_last_layer: int = 1  # epochs during which the heads' last layers are not updated
-    momentum_teacher: float = 0.992
-    momentum_teacher_end: float = 1.0
-    self_distillation: bool = True
-
-
-@dataclass
-class SimDINOv2Config(SimDINOConfig):
-    """SimDINOv2 (sslcli.methods.simdinov2): SimDINO's CLS loss + a cosine loss on masked patches."""
-
-    name: Literal["simdinov2"] = "simdinov2"  # type: ignore[assignment]
-    patch_weight: float = 1.0
-    momentum_teacher: float = 0.9
-
-
-@dataclass
-class SimSiamConfig:
-    """SimSiam (sslcli.methods.simsiam): projector and predictor widths, fixed predictor lr."""
-
-    name: Literal["simsiam"] = "simsiam"
-    out_dim: int = 2048  # projector output width
-    hidden_dim: int = 2048  # projector hidden width
-    pred_dim: int = 512  # predictor bottleneck width
-    fix_pred_lr: bool = True  # the predictor keeps the base lr (no cosine decay)
-
-
-# The `method:` section is one of these, selected by its `name` (the whole wiring: a literal dict).
-METHOD_CONFIGS: dict[str, type] = {"dino": DINOConfig, "simsiam": SimSiamConfig, "simdino": SimDINOConfig,
-                                   "dinov2": DINOv2Config, "simdinov2": SimDINOv2Config}
-MethodConfig = DINOConfig | SimSiamConfig | SimDINOConfig | DINOv2Config | SimDINOv2Config
 
 
 @dataclass

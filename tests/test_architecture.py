@@ -11,7 +11,7 @@ PACKAGE = Path(sslcli.__file__).parent
 
 # Lower number = lower layer. A module may import its own layer or any lower one.
 LAYERS = {
-    "errors": 0, "typed": 0, "config": 0, "runfiles": 0, "schedules": 0, "diagnostics": 0, "device": 0,
+    "errors": 0, "typed": 0, "method_configs": 0, "config": 0, "runfiles": 0, "schedules": 0, "diagnostics": 0, "device": 0,
     "data": 1, "models": 1, "losses": 1,
     "methods": 2, "bootstrap": 2,
     "eval": 3, "train": 3,  # siblings: neither imports the other (test below)
