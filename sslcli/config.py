@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from sslcli.errors import ConfigError, hint
-from sslcli.method_configs import (METHOD_CONFIGS, DINOConfig, DINOv2Config, MethodConfig,  # noqa: F401 (re-exported)
+from sslcli.method_configs import (METHOD_CONFIGS, DINOConfig, DINOv2Config, MethodConfig, SOVEConfig,  # noqa: F401
                                    SimDINOConfig, SimDINOv2Config, SimSiamConfig)
 from sslcli.typed import from_dict, to_dict
 
@@ -331,10 +331,18 @@ def validate(cfg: Config) -> None:
 
 def _method_checks(cfg: Config) -> list[tuple[bool, str]]:
     m = cfg.method
-    masked = isinstance(m, DINOv2Config | SimDINOv2Config)
+    masked = isinstance(m, DINOv2Config | SimDINOv2Config) or (isinstance(m, SOVEConfig) and m.mim_weight > 0)
+    policy = "ibot" if isinstance(m, SOVEConfig) else "dinov2"
     checks = [(masked == (cfg.data.masking != "none"),
                f"method {m.name} {'needs' if masked else 'takes no'} masks: set data.masking="
-               f"{'dinov2' if masked else 'none'}")]
+               f"{policy if masked else 'none'}")]
+    if isinstance(m, SOVEConfig):
+        return checks + [
+            (0 < m.cls_anchors < m.cls_memory, "method.cls_anchors must be in 1..cls_memory - 1"),
+            (0 <= m.judges < m.cls_memory - m.cls_anchors, "method.judges must be >= 0 and smaller than the pool"),
+            (0 < m.patch_anchors <= m.patch_memory, "method.patch_anchors must be in 1..patch_memory"),
+            (m.cls_tasks >= 1 and m.patch_tasks >= 1, "method.cls_tasks and method.patch_tasks must be >= 1"),
+            (0 < m.anchor_weight <= 1, "method.anchor_weight must be in (0, 1]")]
     if isinstance(m, SimSiamConfig):
         return checks + [
             (cfg.data.local_crops == 0, "method simsiam takes exactly 2 views per image: set data.local_crops=0"),

@@ -37,16 +37,17 @@ def dino_cross_entropy(student_logits: list[Tensor], teacher_probs: list[Tensor]
     teacher_probs: [B, K] targets per global view (no gradient flows into them).
     """
     log_probs = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student_logits]
-    total = student_logits[0].new_zeros((), dtype=torch.float32)
-    pairs = 0
-    for a, q in enumerate(teacher_probs):
-        q = q.detach().float()
-        for v, log_p in enumerate(log_probs):
-            if v == a:
-                continue
-            total = total + torch.sum(-q * log_p, dim=-1).mean()
-            pairs += 1
-    return total / pairs
+    return pairwise_cross_entropy(log_probs, [q.detach().float() for q in teacher_probs])
+
+
+def pairwise_cross_entropy(log_probs: list[Tensor], targets: list[Tensor]) -> Tensor:
+    """Mean over the pairs (target view a, view v != a) of mean_b -sum_k q_a log p_v.
+
+    log_probs: [B, K] per view (the targets' views first, in their order); targets: [B, K] each.
+    """
+    terms = [torch.sum(-q * log_p, dim=-1).mean() for a, q in enumerate(targets)
+             for v, log_p in enumerate(log_probs) if v != a]
+    return torch.stack(terms).mean()
 
 
 def simsiam_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
@@ -206,3 +207,84 @@ def cosine_patch_loss(student: Tensor, teacher: Tensor, masks: Tensor) -> Tensor
     counts = masks.sum(dim=1).clamp_min(1)  # (G,)
     per_crop = (cos * masks).sum(dim=1) / counts
     return -per_crop.sum() / masks.shape[0]
+
+
+# ----------------------------------------------------------------------------- SOVE
+
+
+def sove_judges(memory: Tensor, anchors: Tensor, pool: Tensor, k: int, anchor_weight: float = 0.9, *,
+                labels: str = "soft", chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """The judges of P anchors and their soft labels (Silva et al., SOVE, Sec. 2.2.1, Eq. 1-2).
+
+    memory: [M, d] unit vectors; anchors: [P] memory rows; pool: [M - P] the other rows. The judges
+    of anchor p are its k nearest pool entries by cosine (descending), then the anchor itself:
+    D [P (k + 1), d] stacks them anchor by anchor. Y [P (k + 1), P]: a judge's weight on its own
+    anchor is its cosine to the anchor (labels "soft") or 1 ("onehot"), the anchor's own
+    `anchor_weight`; the rest (1 - weight) is spread evenly over the other P - 1 anchors and every
+    row is renormalised to sum 1. The nearest-neighbour search runs `chunk` anchors at a time,
+    so memory stays O(chunk x M).
+    """
+    anchor_emb, pool_emb = memory[anchors], memory[pool]  # (P, d), (M - P, d)
+    n_anchors = anchors.shape[0]
+    near, near_cos = [], []
+    for a in anchor_emb.split(chunk):
+        cos, idx = (a @ pool_emb.T).topk(k, dim=1) if k > 0 else (a.new_zeros(a.shape[0], 0), anchors.new_zeros(a.shape[0], 0))
+        near.append(idx)
+        near_cos.append(cos)
+    near_idx, cos = torch.cat(near), torch.cat(near_cos)  # (P, k)
+    judges = torch.cat([pool_emb[near_idx], anchor_emb[:, None]], dim=1)  # (P, k + 1, d)
+    own = cos if labels == "soft" else torch.ones_like(cos)
+    own = torch.cat([own, own.new_full((n_anchors, 1), anchor_weight)], dim=1).reshape(-1, 1)  # (P (k + 1), 1)
+    rest = (1 - own) / max(n_anchors - 1, 1)
+    owner = torch.arange(n_anchors, device=memory.device).repeat_interleave(k + 1)  # anchor of each judge
+    y = rest.expand(-1, n_anchors).clone()
+    y[torch.arange(y.shape[0], device=memory.device), owner] = own.squeeze(1)
+    return judges.reshape(-1, memory.shape[1]), y / y.sum(dim=1, keepdim=True)
+
+
+def _memberships(u: Tensor, judges: Tensor, labels: Tensor, temp: float) -> Tensor:
+    """P(u) = softmax(u D^T / temp) Y: [n, d] -> [n, P] distributions over the anchors (fp32)."""
+    return F.softmax(u.float() @ judges.float().T / temp, dim=-1) @ labels.float()
+
+
+def sove_cls_loss(student: list[Tensor], teacher: list[Tensor], memory: Tensor,
+                  tasks: list[tuple[Tensor, Tensor]], k: int, student_temp: float, teacher_temp: float,
+                  anchor_weight: float = 0.9, *, labels: str = "soft") -> Tensor:
+    """SOVE's [CLS] loss (Eq. 2): mean over tasks and over the pairs (teacher global view a,
+    student view v != a) of mean_b -sum P_t log P_s, with P from the task's judges and labels.
+
+    student: [B, d] per view (global first); teacher: [B, d] per global view (no gradient);
+    memory: [M, d]; tasks: (anchors [P], pool [M - P]) index pairs, one per task.
+    """
+    total = memory.new_zeros((), dtype=torch.float32)
+    for anchors, pool in tasks:
+        judges, y = sove_judges(memory, anchors, pool, k, anchor_weight, labels=labels)
+        targets = [_memberships(t.detach(), judges, y, teacher_temp) for t in teacher]
+        log_p = [torch.log(_memberships(s, judges, y, student_temp).clamp_min(1e-12)) for s in student]
+        total = total + pairwise_cross_entropy(log_p, targets)
+    return total / len(tasks)
+
+
+def sove_patch_loss(student: list[Tensor], teacher: list[Tensor], masks: list[Tensor], memory: Tensor,
+                    anchors: Tensor, student_temp: float, teacher_temp: float, anchor_weight: float = 0.9) -> Tensor:
+    """SOVE's non-parametric MIM loss (Eq. 4): per global view v, the student's masked patch
+    tokens against the teacher's (unmasked input) at the same positions, over K patch anchors
+    memory[anchors], each its own only judge (labels anchor_weight on the diagonal,
+    (1 - anchor_weight) / (K - 1) elsewhere); per image the mean over its masked patches, the mean
+    over the images (an image without masked patches counts 0), then the mean over the views.
+
+    student, teacher: [B, N, d] per global view; masks: [B, N] bool per view; memory: [M, d].
+    """
+    judges = memory[anchors]  # (K, d)
+    n = anchors.shape[0]
+    y = torch.full((n, n), (1 - anchor_weight) / max(n - 1, 1), device=memory.device)
+    y.fill_diagonal_(anchor_weight)
+    losses = []
+    for s, t, m in zip(student, teacher, masks):
+        q = _memberships(t[m].detach(), judges, y, teacher_temp)  # (M_v, K) masked patches, row-major
+        log_p = torch.log(_memberships(s[m], judges, y, student_temp).clamp_min(1e-12))
+        ce = torch.sum(-q * log_p, dim=-1)  # (M_v,)
+        counts = m.sum(dim=1, keepdim=True).clamp_min(1)
+        weights = (1.0 / counts).expand_as(m)[m]
+        losses.append((ce * weights).sum() / m.shape[0])
+    return torch.stack(losses).mean()

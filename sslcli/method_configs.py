@@ -101,7 +101,36 @@ class SimSiamConfig:
     fix_pred_lr: bool = True  # the predictor keeps the base lr (no cosine decay)
 
 
+@dataclass
+class SOVEConfig:
+    """SOVE (sslcli.methods.sove): non-parametric [CLS] judges and non-parametric masked modelling."""
+
+    name: Literal["sove"] = "sove"
+    out_dim: int = 256  # d, the head's L2-normalised output (CLS and patch tokens)
+    hidden_dim: int = 2048
+    head_layers: int = 3
+    cls_memory: int = 65536  # E_C: past teacher CLS embeddings
+    patch_memory: int = 8192  # E_P: past teacher patch embeddings (one random patch per image)
+    cls_anchors: int = 8192  # P: anchors per [CLS] task (the authors' code: 64)
+    judges: int = 8  # k: nearest pool entries judging each anchor (0: the anchor alone)
+    cls_tasks: int = 4  # independent [CLS] tasks per step (fresh permutations), losses averaged
+    patch_anchors: int = 512  # K-dot: anchors of the MIM task (one judge each, the anchor itself)
+    patch_tasks: int = 1  # independent MIM tasks per step
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    anchor_weight: float = 0.9  # a label's weight on its own anchor for the anchor itself (1 - smoothing)
+    labels: Literal["soft", "onehot"] = "soft"  # soft: judges weigh their anchor by their cosine to it
+    # all: every anchor of a task is used; low_energy: a random half is kept (the authors' code)
+    anchor_selection: Literal["all", "low_energy"] = "all"
+    representation: Literal["cls", "mean_patch"] = "cls"  # the global token the [CLS] task uses
+    cls_weight: float = 1.0  # lambda_1
+    mim_weight: float = 1.0  # lambda_2 (0: no masked modelling)
+    momentum_teacher: float = 0.996
+    momentum_teacher_end: float = 1.0
+    self_distillation: bool = True
+
+
 # The `method:` section is one of these, selected by its `name` (the whole wiring: a literal dict).
 METHOD_CONFIGS: dict[str, type] = {"dino": DINOConfig, "simsiam": SimSiamConfig, "simdino": SimDINOConfig,
-                                   "dinov2": DINOv2Config, "simdinov2": SimDINOv2Config}
-MethodConfig = DINOConfig | SimSiamConfig | SimDINOConfig | DINOv2Config | SimDINOv2Config
+                                   "dinov2": DINOv2Config, "simdinov2": SimDINOv2Config, "sove": SOVEConfig}
+MethodConfig = DINOConfig | SimSiamConfig | SimDINOConfig | DINOv2Config | SimDINOv2Config | SOVEConfig

@@ -56,7 +56,8 @@ def test_short_cells():
     assert short_arch("vit_base_patch8_224", {}) == "ViT-B/8"
     assert short_arch("resnet50", {"zero_init_last": False}) == "RN50"
     assert short_arch("vit_small_patch16_224", {"depth": 3}) == "ViT-S/16*"
-    assert short_arch("swin_tiny_patch4_window7_224", {}) == "swin_tiny_patch4_window7_224"
+    assert short_arch("swin_tiny_patch4_window7_224", {}) == "Swin-T/4w7"
+    assert short_arch("convnext_tiny", {}) == "convnext_tiny"  # anything else: the timm name
     assert short_reported({}) == "-"
     assert short_reported({"knn": 74.5, "linear": 77.0}) == "knn 74.5 lin 77.0"
     assert short_reported({"linear": 74.5, "time_h": 51.0, "mem_gb": 10.5}) == "lin 74.5 +2"

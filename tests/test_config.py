@@ -95,7 +95,7 @@ def test_method_section_is_the_chosen_methods_own():
     assert isinstance(switched.method, SimSiamConfig) and switched.method.pred_dim == 64
     assert "teacher_temp" not in to_yaml(switched)
     assert switched.method.out_dim == SimSiamConfig().out_dim  # SimSiam's default, not the demo's 256
-    with pytest.raises(ConfigError, match=r"'method.name' must be one of dino, simsiam, simdino, dinov2, simdinov2, got 'simsam' "
+    with pytest.raises(ConfigError, match=r"'method.name' must be one of dino, simsiam, simdino, dinov2, simdinov2, sove, got 'simsam' "
                                           r"\(did you mean: simsiam\?\)"):
         load_config("demo", overrides=["method.name=simsam"])
     with pytest.raises(ConfigError, match="'method.pred_dim' with method.name dino"):

@@ -25,6 +25,7 @@ PAPER_PRESETS = [
     "simdino-vitb16", "simdino-vitl16", "dino-vitl16-100ep", "simdino-vits16", "simdino-vits16-nosd",
     "dino-vits16-nosd", "simdino-vitb16-200ep", "dino-vitb16-200ep",
     "dinov2-vitb16", "dinov2-vitl16", "simdinov2-vitb16", "simdinov2-vitl16",
+    "sove-vits16", "sove-vitb16", "sove-vitl16", "sove-swint",
 ]
 
 
@@ -249,6 +250,41 @@ def test_dinov2_family_rows_share_the_pipeline(name, arch, method, init_values, 
     assert c.optim == base.optim and c.data == base.data and c.model.drop_path_rate == 0.3
     if method == "simdinov2":
         assert (c.method.out_dim, c.method.eps2, c.method.momentum_teacher, c.method.patch_weight) == (256, 0.05, 0.9, 1.0)
+
+
+@pytest.mark.parametrize("name, arch, epochs, reported", [
+    ("sove-vits16", "vit_small_patch16_224", 800, {"knn": 75.2, "linear": 77.8}),
+    ("sove-vitb16", "vit_base_patch16_224", 400, {"knn": 78.4, "linear": 79.9}),
+    ("sove-vitl16", "vit_large_patch16_224", 250, {"knn": 79.2, "linear": 81.2}),
+    ("sove-swint", "swin_tiny_patch4_window7_224", 300, {"knn": 77.0, "linear": 79.3}),
+])
+def test_sove_table1_rows(name, arch, epochs, reported):
+    """SOVE Table 1: the paper's A.1 values (8192 anchors, 9 judges, 512 patch anchors, 12 views), the
+    authors' code where the paper is silent; the rows differ only in backbone and epochs (Swin: no MIM)."""
+    c = load_config(name)
+    assert c.source.paper.startswith("SOVE") and c.source.table == "1" and c.source.reported == reported
+    assert (c.model.arch, c.train.epochs, c.model.drop_path_rate) == (arch, epochs, 0.1)
+    m = c.method
+    assert (m.name, m.out_dim, m.hidden_dim, m.head_layers) == ("sove", 256, 2048, 3)
+    assert (m.cls_memory, m.patch_memory, m.cls_anchors, m.judges, m.patch_anchors) == (65536, 8192, 8192, 8, 512)
+    assert (m.cls_tasks, m.patch_tasks, m.labels, m.anchor_selection) == (4, 1, "soft", "all")
+    assert (m.student_temp, m.teacher_temp, m.anchor_weight, m.representation) == (0.1, 0.04, 0.9, "cls")
+    assert (m.momentum_teacher, m.momentum_teacher_end, m.cls_weight, m.self_distillation) == (0.996, 1.0, 1.0, True)
+    d = c.data
+    assert (d.global_crops, d.global_crop_size, d.local_crops, d.local_crop_size) == (2, 224, 10, 96)
+    assert d.global_crops_scale == (0.4, 1.0) and d.local_crops_scale == (0.05, 0.4)
+    o = c.optim
+    assert (o.name, o.batch_size, o.lr, o.lr_scaling, o.min_lr, o.warmup_epochs) == ("adamw", 1024, 0.0005, "linear", 1e-6, 10)
+    assert (o.weight_decay, o.weight_decay_end, o.clip_grad, o.clip_mode) == (0.04, 0.4, 3.0, "per_param")
+    assert c.train.precision == "auto"
+    if name == "sove-swint":  # the masked forward needs a ViT: no MIM term on Swin
+        assert (d.masking, m.mim_weight) == ("none", 0.0)
+    else:
+        assert (d.masking, d.mask_ratio, d.mask_min_block, m.mim_weight) == ("ibot", (0.3, 0.3), None, 1.0)
+    mine, base = to_dict(c), to_dict(load_config("sove-vits16"))
+    assert {k for k in mine if mine[k] != base[k]} <= {"name", "notes", "source", "model", "method", "data", "train"}
+    assert {k for k in mine["model"] if mine["model"][k] != base["model"][k]} <= {"arch"}
+    assert {k for k in mine["train"] if mine["train"][k] != base["train"][k]} <= {"epochs", "checkpoint_every"}
 
 
 COMPUTE_ROWS = {  # Table 8, 300-epoch column (+ k-NN from Table 7 / appendix where printed)

@@ -20,6 +20,9 @@ def shrink(cfg):
         cfg.method.bottleneck_dim = 16
     if cfg.method.name == "dinov2":
         cfg.method.ibot_out_dim = 32
+    if cfg.method.name == "sove":  # the same structure with small memories
+        m = cfg.method
+        m.cls_memory, m.cls_anchors, m.patch_memory, m.patch_anchors = 256, 32, 64, 16
     return cfg
 
 

@@ -29,9 +29,16 @@ INIT_ONLY_KWARGS = {"zero_init_last"}  # model.kwargs that change initialisation
 
 
 def short_arch(arch: str, kwargs: dict) -> str:
-    """vit_small_patch16_224 -> ViT-S/16, resnet50 -> RN50; '*' when model.kwargs reshape the network."""
+    """vit_small_patch16_224 -> ViT-S/16, resnet50 -> RN50, swin_tiny_patch4_window7_224 -> Swin-T/4w7;
+    '*' when model.kwargs reshape the network."""
     m = ARCH_SHORT.fullmatch(arch)
-    short = f"ViT-{m.group(1)[0].upper()}/{m.group(2)}" if m else re.sub(r"^resnet(\d+)$", r"RN\1", arch)
+    swin = re.fullmatch(r"swin_([a-z])[a-z]*_patch(\d+)_window(\d+)_\d+", arch)
+    if m:
+        short = f"ViT-{m.group(1)[0].upper()}/{m.group(2)}"
+    elif swin:
+        short = f"Swin-{swin.group(1).upper()}/{swin.group(2)}w{swin.group(3)}"
+    else:
+        short = re.sub(r"^resnet(\d+)$", r"RN\1", arch)
     return short + ("*" if set(kwargs) - INIT_ONLY_KWARGS else "")
 
 

@@ -10,8 +10,9 @@ from sslcli.methods.dinov2 import DINOv2
 from sslcli.methods.simdino import SimDINO
 from sslcli.methods.simdinov2 import SimDINOv2
 from sslcli.methods.simsiam import SimSiam
+from sslcli.methods.sove import SOVE
 
-METHODS = {"dino": DINO, "simsiam": SimSiam, "simdino": SimDINO, "dinov2": DINOv2, "simdinov2": SimDINOv2}
+METHODS = {"dino": DINO, "simsiam": SimSiam, "simdino": SimDINO, "dinov2": DINOv2, "simdinov2": SimDINOv2, "sove": SOVE}
 
 
 def build_method(model_cfg: ModelConfig, method_cfg: MethodConfig, epochs: int, steps_per_epoch: int) -> Method:

@@ -21,14 +21,14 @@ Config: SimDINOv2Config; ModelConfig (registers, layer scale as timm kwargs); da
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from sslcli.config import ModelConfig, SimDINOv2Config
 from sslcli.data import Batch
 from sslcli.losses import cosine_patch_loss, simdino_alignment
 from sslcli.methods.base import StepContext, StepOutput
 from sslcli.methods.simdino import SimDINO
-from sslcli.models import MaskedMultiCropNetwork, ProjectionHead, create_backbone
+from sslcli.models import MaskedMultiCropNetwork, ProjectionHead, create_backbone, scatter_masked
 
 
 class SimDINOv2(SimDINO):
@@ -52,16 +52,10 @@ class SimDINOv2(SimDINO):
         alignment = simdino_alignment(s_cls, t_cls)
         expansion, rates = self.expansion(s_cls, t_cls, batch.size)
         flat = masks.flatten(0, 1)  # (G*B, N)
-        patch = cosine_patch_loss(_scatter(s_patch, flat), _scatter(t_patch, flat), flat)
+        patch = cosine_patch_loss(scatter_masked(s_patch, flat), scatter_masked(t_patch, flat), flat)
         loss = -alignment - expansion + self.cfg.patch_weight * patch
         anchor = t_feats[: batch.size].detach()  # (B, D) teacher CLS of global view 1
         stats = self._stats(t_cls[0], rates, alignment, anchor) if ctx.with_stats else {}
         terms = {"alignment": alignment.detach(), "expansion": expansion.detach(), "patch": patch.detach()}
         return StepOutput(loss, terms, {"momentum": self.teacher_momentum(ctx.step)}, stats, anchor)
 
-
-def _scatter(rows: Tensor, masks: Tensor) -> Tensor:
-    """[M, d] rows of the masked patches -> [G, N, d], zeros at the unmasked positions."""
-    out = rows.new_zeros(*masks.shape, rows.shape[-1])
-    out[masks] = rows
-    return out

@@ -50,22 +50,39 @@ class MaskedMultiCropNetwork(nn.Module):
       cls_feats: [G*B, D] the backbone CLS of the global views (KoLeo);
       patch_out: [M, K'] the patch head on the masked patches, rows in the row-major order of
         masks.flatten(0, 1) [G*B, N]; `patch_head` None shares `head`.
+    `global_token`: "cls" (the backbone's CLS / pooled feature) or "mean_patch" (the mean of the
+    patch tokens, SOVE's Table B.2) is what the head sees as each view's global token.
     """
 
-    def __init__(self, backbone: Backbone, head: nn.Module, patch_head: nn.Module | None = None):
+    def __init__(self, backbone: Backbone, head: nn.Module, patch_head: nn.Module | None = None,
+                 global_token: str = "cls"):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.patch_head = patch_head
+        self.global_token = global_token
+
+    def _global(self, x: Tensor) -> Tensor:
+        """[n, 3, h, w] local views -> [n, D] global tokens."""
+        return self.backbone(x) if self.global_token == "cls" else self.backbone.forward_tokens(x)[1].mean(1)
 
     def forward(self, global_views: list[Tensor], local_views: list[Tensor], masks: Tensor | None,
                 mask_input: bool) -> tuple[list[Tensor], Tensor, Tensor | None]:
         flat = masks.flatten(0, 1) if masks is not None else None  # (G*B, N)
         cls, patch = self.backbone.forward_tokens(torch.cat(global_views), flat if mask_input else None)
-        feats = [cls] + [self.backbone(torch.cat(local_views[a:b])) for a, b in same_size_runs(local_views)]
+        if self.global_token == "mean_patch":
+            cls = patch.mean(1)
+        feats = [cls] + [self._global(torch.cat(local_views[a:b])) for a, b in same_size_runs(local_views)]
         cls_out = list(self.head(torch.cat(feats)).chunk(len(global_views) + len(local_views)))
         patch_out = None
         if flat is not None:
             head = self.head if self.patch_head is None else self.patch_head
             patch_out = head(patch[flat])  # (M, K')
         return cls_out, cls, patch_out
+
+
+def scatter_masked(rows: Tensor, masks: Tensor) -> Tensor:
+    """[M, d] rows of the masked patches -> [G, N, d] with zeros at the unmasked positions."""
+    out = rows.new_zeros(*masks.shape, rows.shape[-1])
+    out[masks] = rows
+    return out
