@@ -12,6 +12,7 @@ from sslcli.data import Batch
 from sslcli.losses import (cosine_patch_loss, dino_cross_entropy, ibot_patch_loss, koleo_loss, simdino_loss,
                            sinkhorn_knopp)
 from sslcli.methods import StepContext, build_method
+from tests.runs import assert_two_processes_match_one
 
 TINY_VIT = ModelConfig(arch="vit_small_patch16_224", drop_path_rate=0.0,
                        kwargs={"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2,
@@ -116,26 +117,13 @@ SIMDINOV2_RUN = ["method.name=simdinov2", "method.out_dim=16", "method.hidden_di
                  "data.mask_min_block=1"]
 
 
-def losses(run_dir) -> list[float]:
-    import json
-
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r]
-
-
 @pytest.mark.parametrize("overrides", [DINOV2_RUN + ["method.koleo_weight=0"],
                                        DINOV2_RUN + ["method.koleo_weight=0", "method.centering=sinkhorn_knopp"],
                                        SIMDINOV2_RUN], ids=["dinov2", "dinov2-sk", "simdinov2"])
 def test_one_epoch_with_two_processes_matches_one(tiny_config, tmp_path, overrides):
     """Masks, centres, Sinkhorn-Knopp sums and the Gram matrix do not depend on the process count
     (KoLeo is per process by definition, so it is switched off for the comparison)."""
-    from sslcli.train.pretrain import RunOptions, pretrain
-
-    cfg = tiny_config(*overrides, "train.epochs=1")
-    pretrain(cfg, RunOptions(out=tmp_path / "one", device="cpu"))
-    pretrain(cfg, RunOptions(out=tmp_path / "two", device="cpu", procs=2))
-    assert len(losses(tmp_path / "one")) == 3
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    assert_two_processes_match_one(tiny_config(*overrides, "train.epochs=1"), tmp_path, steps=3)
 
 
 def test_export_of_a_dinov2_run_loads_in_plain_timm_with_its_registers(tiny_config, tmp_path):

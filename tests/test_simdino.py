@@ -3,7 +3,6 @@ self_distillation false, health, and tiny end-to-end runs (one epoch, --procs 2,
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -20,6 +19,7 @@ from sslcli.train.engine import DivergenceGuard
 from sslcli.train.optim import build_optimizer
 from sslcli.train.pretrain import RunOptions, pretrain
 from sslcli.train.trainer import train_step
+from tests.runs import assert_resume_is_exact, assert_two_processes_match_one, losses
 
 EPS2 = 0.05
 TINY_VIT = ModelConfig(arch="vit_small_patch16_224", drop_path_rate=0.1,
@@ -165,17 +165,9 @@ def test_divergence_of_the_expansion_names_the_cholesky():
 # ----------------------------------------------------------------------------- end to end
 
 
-def losses(run_dir) -> list[float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r]
-
-
 def test_one_epoch_and_two_processes_match_one(tiny_config, tmp_path):
-    cfg = tiny_config(*TINY_SIMDINO, "train.epochs=1")
-    summary = pretrain(cfg, RunOptions(out=tmp_path / "one", device="cpu"))
-    assert summary["steps"] == 3 and all(math.isfinite(v) for v in losses(tmp_path / "one"))
-    pretrain(cfg, RunOptions(out=tmp_path / "two", device="cpu", procs=2))
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    assert_two_processes_match_one(tiny_config(*TINY_SIMDINO, "train.epochs=1"), tmp_path, steps=3)
+    assert all(math.isfinite(v) for v in losses(tmp_path / "one"))
     # the authors' per-process Gram matrix: the same on one process, a different loss on two
     local = tiny_config(*TINY_SIMDINO, "train.epochs=1", "method.covariance=local")
     pretrain(local, RunOptions(out=tmp_path / "local", device="cpu", procs=2))
@@ -183,12 +175,4 @@ def test_one_epoch_and_two_processes_match_one(tiny_config, tmp_path):
 
 
 def test_interrupt_and_resume_is_exact(tiny_config, tmp_path):
-    from tests.test_train import InterruptAt
-    from sslcli.errors import Interrupted
-
-    cfg = tiny_config(*TINY_SIMDINO, "train.epochs=2", "model.drop_path_rate=0.1")
-    pretrain(cfg, RunOptions(out=tmp_path / "full", device="cpu"))
-    with pytest.raises(Interrupted):
-        pretrain(cfg, RunOptions(out=tmp_path / "cut", device="cpu"), InterruptAt(step=4))
-    pretrain(cfg, RunOptions(out=tmp_path / "cut", device="cpu", resume=True))
-    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    assert_resume_is_exact(tiny_config(*TINY_SIMDINO, "train.epochs=2", "model.drop_path_rate=0.1"), tmp_path)

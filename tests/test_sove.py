@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +12,7 @@ from sslcli.data import Batch
 from sslcli.losses import sove_cls_loss, sove_judges, sove_patch_loss
 from sslcli.methods import StepContext, build_method
 from sslcli.methods.sove import SOVE
+from tests.runs import assert_resume_is_exact, assert_two_processes_match_one
 
 
 def unit(n, d, seed=0):
@@ -139,29 +138,9 @@ SOVE_RUN = ["method.name=sove", "method.out_dim=16", "method.hidden_dim=32", "me
             "data.masking=ibot", "data.mask_ratio=[0.3,0.3]", "data.mask_min_block=1"]
 
 
-def losses(run_dir) -> list[float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r]
-
-
 def test_one_epoch_with_two_processes_matches_one(tiny_config, tmp_path):
-    from sslcli.train.pretrain import RunOptions, pretrain
-
-    cfg = tiny_config(*SOVE_RUN, "train.epochs=1")
-    pretrain(cfg, RunOptions(out=tmp_path / "one", device="cpu"))
-    pretrain(cfg, RunOptions(out=tmp_path / "two", device="cpu", procs=2))
-    assert len(losses(tmp_path / "one")) == 3
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    assert_two_processes_match_one(tiny_config(*SOVE_RUN, "train.epochs=1"), tmp_path, steps=3)
 
 
 def test_interrupt_and_resume_is_exact(tiny_config, tmp_path):
-    from sslcli.errors import Interrupted
-    from sslcli.train.pretrain import RunOptions, pretrain
-    from tests.test_train import InterruptAt
-
-    cfg = tiny_config(*SOVE_RUN, "train.epochs=2", "model.drop_path_rate=0.1")
-    pretrain(cfg, RunOptions(out=tmp_path / "full", device="cpu"))
-    with pytest.raises(Interrupted):
-        pretrain(cfg, RunOptions(out=tmp_path / "cut", device="cpu"), InterruptAt(step=4))
-    pretrain(cfg, RunOptions(out=tmp_path / "cut", device="cpu", resume=True))
-    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    assert_resume_is_exact(tiny_config(*SOVE_RUN, "train.epochs=2", "model.drop_path_rate=0.1"), tmp_path)

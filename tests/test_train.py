@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 
 import pytest
 from safetensors import safe_open
@@ -14,11 +12,7 @@ from sslcli.errors import Interrupted, TrainingError
 from sslcli.eval.monitor import KnnMonitor
 from sslcli.runfiles import read_metadata
 from sslcli.train.pretrain import RunOptions, pretrain
-
-
-def losses(run_dir):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
+from tests.runs import InterruptAt, losses
 
 
 def test_one_epoch_single_process(tiny_config, tmp_path):
@@ -46,32 +40,6 @@ def test_two_processes_match_one(tiny_config, tmp_path):
     pretrain(cfg, RunOptions(out=tmp_path / "one", device="cpu"))
     pretrain(cfg, RunOptions(out=tmp_path / "two", device="cpu", procs=2))
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
-
-
-class InterruptAt:
-    """A reporter that presses Ctrl-C (SIGINT to this process) once `step` is reached."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def __call__(self):
-        return self
-
-    def start(self, total_steps, start_step, steps_per_epoch):
-        return None
-
-    def update(self, step, metrics):
-        if step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    def epoch_end(self, epoch, metrics):
-        return None
-
-    def warn(self, message):
-        return None
-
-    def close(self):
-        return None
 
 
 def test_interrupt_and_resume_is_exact(tiny_config, tmp_path):
