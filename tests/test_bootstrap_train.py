@@ -14,7 +14,7 @@ from sslcli.data.loader import TrainSet
 from sslcli.data.transforms import MultiCropTransform
 from sslcli.errors import Interrupted
 from sslcli.train.pretrain import RunOptions, pretrain
-from tests.runs import InterruptAt, losses
+from run_checks import InterruptAt, losses
 
 ADASIM = ["bootstrap.name=adasim", "bootstrap.tau=0.2", "bootstrap.window=1", "bootstrap.top_k=3",
           "train.epochs=3"]

@@ -12,7 +12,7 @@ from sslcli.data import Batch
 from sslcli.losses import (cosine_patch_loss, dino_cross_entropy, ibot_patch_loss, koleo_loss, simdino_loss,
                            sinkhorn_knopp)
 from sslcli.methods import StepContext, build_method
-from tests.runs import assert_two_processes_match_one
+from run_checks import assert_two_processes_match_one
 
 TINY_VIT = ModelConfig(arch="vit_small_patch16_224", drop_path_rate=0.0,
                        kwargs={"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2,

@@ -19,7 +19,7 @@ from sslcli.train.engine import DivergenceGuard
 from sslcli.train.optim import build_optimizer
 from sslcli.train.pretrain import RunOptions, pretrain
 from sslcli.train.trainer import train_step
-from tests.runs import assert_resume_is_exact, assert_two_processes_match_one, losses
+from run_checks import assert_resume_is_exact, assert_two_processes_match_one, losses
 
 EPS2 = 0.05
 TINY_VIT = ModelConfig(arch="vit_small_patch16_224", drop_path_rate=0.1,

@@ -12,7 +12,7 @@ from sslcli.data import Batch
 from sslcli.losses import sove_cls_loss, sove_judges, sove_patch_loss
 from sslcli.methods import StepContext, build_method
 from sslcli.methods.sove import SOVE
-from tests.runs import assert_resume_is_exact, assert_two_processes_match_one
+from run_checks import assert_resume_is_exact, assert_two_processes_match_one
 
 
 def unit(n, d, seed=0):

@@ -12,7 +12,7 @@ from sslcli.errors import Interrupted, TrainingError
 from sslcli.eval.monitor import KnnMonitor
 from sslcli.runfiles import read_metadata
 from sslcli.train.pretrain import RunOptions, pretrain
-from tests.runs import InterruptAt, losses
+from run_checks import InterruptAt, losses
 
 
 def test_one_epoch_single_process(tiny_config, tmp_path):
