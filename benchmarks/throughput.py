@@ -27,7 +27,8 @@ import torch
 
 from sslcli.config import load_config
 from sslcli.data.datasets import open_dataset
-from sslcli.data.loader import build_train_loader
+from sslcli.data.loader import EpochBatchSampler, build_train_loader
+from sslcli.data.masking import patch_grid
 from sslcli.device import pick_device
 from sslcli.methods import StepContext, build_method
 from sslcli.models.backbone import count_flops_per_image
@@ -47,6 +48,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--profile", action="store_true",
+                   help="also report the share of the step in the regions the losses name (e.g. SOVE's "
+                        "sove.judge_search, sove.soft_labels), from torch.profiler over the timed steps")
     return p.parse_args()
 
 
@@ -68,6 +72,23 @@ def peak_tflops(device: torch.device, given: float | None) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
+def _activities(device: torch.device) -> list:
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    return acts + [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else acts
+
+
+def _regions(profiler, device: torch.device, steps: int) -> dict[str, float]:
+    """Seconds per step inside each named region (record_function names with a dot); device time
+    on CUDA, CPU time otherwise. Called after the timed steps."""
+    profiler.stop()
+    out = {}
+    for event in profiler.key_averages():
+        if "." in event.key and not event.key.startswith(("aten::", "cuda", "Optimizer", "autograd")):
+            us = event.device_time_total if device.type == "cuda" else event.cpu_time_total
+            out[event.key] = us / 1e6 / steps
+    return out
+
+
 def main() -> None:
     args = parse()
     device = pick_device(args.device)
@@ -75,10 +96,12 @@ def main() -> None:
     threads = set_cpu_threads(DistEnv(0, 1, 0, device), cfg.train.workers)  # as `ssl pretrain` does
     data = args.data or cfg.data.path or "builtin:shapes"
     dataset = open_dataset(data)
-    loader, sampler = build_train_loader(dataset, cfg.data, cfg.optim.batch_size, 0, 1, cfg.train.seed,
-                                         cfg.train.workers, device.type == "cuda", device=device)
     epochs = max(cfg.train.epochs, 1)
-    method = build_method(cfg.model, cfg.method, epochs, sampler.steps_per_epoch).to(device)
+    spe = EpochBatchSampler.check_sizes(len(dataset), cfg.optim.batch_size, 1)
+    method = build_method(cfg.model, cfg.method, epochs, spe).to(device)
+    loader, sampler = build_train_loader(dataset, cfg.data, cfg.optim.batch_size, 0, 1, cfg.train.seed,
+                                         cfg.train.workers, device.type == "cuda", device=device,
+                                         mask_grid=patch_grid(cfg.data, method.student_backbone.patch_size))
     if cfg.train.compile:
         method.compile_backbones()
     optimizer = build_optimizer(method.student, cfg.optim, device, method.constant_lr_parameters())
@@ -87,6 +110,7 @@ def main() -> None:
     step, total = 0, args.warmup + args.steps
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    profiler = torch.profiler.profile(activities=_activities(device)) if args.profile else None
     while step < total:
         sampler.set_position(step // sampler.steps_per_epoch % epochs, step % sampler.steps_per_epoch)
         clock = time.perf_counter()
@@ -98,12 +122,15 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             done = time.perf_counter()
+            if profiler is not None and step == args.warmup:
+                profiler.start()
             if step >= args.warmup:
                 waits.append(fetched - clock)
                 computes.append(done - fetched)
             clock, step = done, step + 1
             if step >= total:
                 break
+    regions = _regions(profiler, device, args.steps) if profiler is not None else None
     step_s = (sum(waits) + sum(computes)) / len(waits)
     img_s = cfg.optim.batch_size / step_s
     peak = peak_tflops(device, args.peak_tflops)
@@ -120,6 +147,8 @@ def main() -> None:
         "gflops_per_image": round(flops / 1e9, 2),
         "mfu": round(flops * img_s / (peak * 1e12), 4) if peak else None,
     }
+    if regions is not None:  # seconds per step and share of the step
+        result["regions"] = {k: {"s_per_step": round(v, 4), "share": round(v / step_s, 3)} for k, v in regions.items()}
     print(json.dumps(result, indent=2))
 
 

@@ -144,3 +144,16 @@ def test_one_epoch_with_two_processes_matches_one(tiny_config, tmp_path):
 
 def test_interrupt_and_resume_is_exact(tiny_config, tmp_path):
     assert_resume_is_exact(tiny_config(*SOVE_RUN, "train.epochs=2", "model.drop_path_rate=0.1"), tmp_path)
+
+
+@pytest.mark.parametrize("labels", ["soft", "onehot"])
+def test_memberships_use_the_label_structure_without_building_y(labels):
+    from sslcli.losses import _judges, _memberships
+
+    memory = unit(60, 8)
+    anchors, pool = split(60, 7)
+    u = unit(5, 8, seed=9)
+    judges, y = sove_judges(memory, anchors, pool, 3, labels=labels)
+    _, own = _judges(memory, anchors, pool, 3, 0.9, labels)
+    dense = F.softmax(u @ judges.T / 0.1, -1) @ y
+    assert torch.allclose(_memberships(u, judges, own, 0.1), dense, atol=1e-6)

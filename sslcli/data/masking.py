@@ -237,3 +237,11 @@ class MaskPlan:
             if target > 0:
                 masks[v] = block_mask(h, w, int(target), self.min_block, gen, self.max_block).flatten()
         return masks
+
+
+def patch_grid(cfg: DataConfig, patch_size: int) -> tuple[int, int] | None:
+    """(h, w) patches of a global crop, the loader's `mask_grid`; None with data.masking: none."""
+    if cfg.masking == "none":
+        return None
+    side = cfg.global_crop_size // patch_size
+    return side, side

@@ -31,6 +31,7 @@ from sslcli import runfiles
 from sslcli.bootstrap import Bootstrapper
 from sslcli.config import Config, DataConfig, MonitorConfig, OptimConfig, to_yaml
 from sslcli.data import Batch, EpochBatchSampler, ImageDataset, build_train_loader
+from sslcli.data.masking import patch_grid
 from sslcli.device import autocast
 from sslcli.errors import Interrupted, UsageError
 from sslcli.methods import Method, StepContext, StepOutput, build_method
@@ -81,7 +82,7 @@ class Trainer:
         self.method: Method = build_method(cfg.model, cfg.method, cfg.train.epochs, spe).to(env.device)
         self.loader, self.sampler = build_train_loader(dataset, cfg.data, cfg.optim.batch_size, env.rank, env.world,
                                                        cfg.train.seed, cfg.train.workers, env.device.type == "cuda",
-                                                       device=env.device, mask_grid=self._mask_grid())
+                                                       device=env.device, mask_grid=patch_grid(cfg.data, self.method.student_backbone.patch_size))
         torch.manual_seed(cfg.train.seed + 1 + env.rank)  # then one random stream per rank (drop-path)
         self._distribute()
         if cfg.train.compile:
@@ -99,13 +100,6 @@ class Trainer:
             raise UsageError("monitor.knn_every is set but no monitor was given to pretrain()")
         self.monitor = make_monitor(cfg.monitor, cfg.data, cfg.data.path, env.device) if wants_monitor else None
         self.metrics: MetricsWriter | None = None
-
-    def _mask_grid(self) -> tuple[int, int] | None:
-        """(h, w) patches of a global crop for the loader's masks; None with data.masking: none."""
-        if self.cfg.data.masking == "none":
-            return None
-        side = self.cfg.data.global_crop_size // self.method.student_backbone.patch_size
-        return side, side
 
     def _distribute(self) -> None:
         if self.env.world == 1:
