@@ -89,10 +89,12 @@ class SOVE(SelfDistillation):
         loss = cfg.cls_weight * cls_loss
         state = {"teacher_cls": t_cls[1].detach()}
         if masks is not None:
-            mim = self._mim_loss(s_patch, t_patch, masks, g)
+            flat = masks.flatten(0, 1)  # (G*B, N)
+            teacher = scatter_masked(t_patch, flat).chunk(masks.shape[0])  # (B, N, d) per global view, once
+            mim = self._mim_loss(scatter_masked(s_patch, flat).chunk(masks.shape[0]), teacher, masks, g)
             loss = loss + cfg.mim_weight * mim
             terms["mim"] = mim.detach()
-            state["teacher_patch"] = self._one_patch_per_image(t_patch, masks, g)
+            state["teacher_patch"] = self._one_patch_per_image(teacher[1], masks[1], g)
         anchor = t_feats[: batch.size].detach()  # (B, D) teacher CLS of global view 1
         stats = {"embed_std": diagnostics.embedding_std(anchor),
                  "embed_rank": diagnostics.effective_rank(anchor)} if ctx.with_stats else {}
@@ -108,11 +110,10 @@ class SOVE(SelfDistillation):
             anchors = anchors[keep]
         return anchors, pool
 
-    def _mim_loss(self, s_patch: Tensor, t_patch: Tensor, masks: Tensor, g: torch.Generator) -> Tensor:
-        flat = masks.flatten(0, 1)  # (G*B, N)
-        student = scatter_masked(s_patch, flat).chunk(masks.shape[0])  # (B, N, d) per global view
-        teacher = scatter_masked(t_patch, flat).chunk(masks.shape[0])
-        total = s_patch.new_zeros((), dtype=torch.float32)
+    def _mim_loss(self, student: tuple[Tensor, ...], teacher: tuple[Tensor, ...], masks: Tensor,
+                  g: torch.Generator) -> Tensor:
+        """student, teacher: (B, N, d) patch outputs per global view (zeros where unmasked)."""
+        total = student[0].new_zeros((), dtype=torch.float32)
         for _ in range(self.cfg.patch_tasks):
             perm = torch.randperm(self.cfg.patch_memory, generator=g, device=self.patch_memory.device)
             total = total + sove_patch_loss(list(student), list(teacher), list(masks), self.patch_memory,
@@ -120,16 +121,15 @@ class SOVE(SelfDistillation):
                                             self.cfg.teacher_temp, self.cfg.anchor_weight)
         return total / self.cfg.patch_tasks
 
-    def _one_patch_per_image(self, t_patch: Tensor, masks: Tensor, g: torch.Generator) -> Tensor:
-        """[B, d] one uniformly drawn masked patch of global view 2 per image (its teacher output)."""
-        view2 = masks[1]  # (B, N)
+    def _one_patch_per_image(self, teacher2: Tensor, view2: Tensor, g: torch.Generator) -> Tensor:
+        """[B, d] one uniformly drawn masked patch of global view 2 per image (its teacher output).
+
+        teacher2: (B, N, d) the teacher's view-2 patch outputs; view2: (B, N) its masks."""
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
         b, n = view2.shape  # draw for the global batch, take this process's rows: process-independent
         scores = torch.rand((world * b, n), generator=g, device=view2.device)[rank * b:(rank + 1) * b]
-        scores = scores.masked_fill(~view2, -1)
-        pick = scores.argmax(dim=1)  # a random masked position (position 0 when none is masked)
-        full = scatter_masked(t_patch, masks.flatten(0, 1))[view2.shape[0]:]  # (B, N, d) of view 2
-        return full[torch.arange(view2.shape[0], device=view2.device), pick].detach()
+        pick = scores.masked_fill(~view2, -1).argmax(dim=1)  # a random masked position (0 when none is)
+        return teacher2[torch.arange(b, device=view2.device), pick].detach()
 
     @torch.no_grad()
     def after_step(self, ctx: StepContext, out: StepOutput) -> None:
