@@ -11,11 +11,11 @@ from rich.table import Table
 
 from sslcli.cli.common import emit_json, exits_on_errors, setup_logging, stdout
 from sslcli.cli.progress import ReporterFactory
-from sslcli.config import load_config
+from sslcli.config import load_config, to_dict, to_yaml
 from sslcli.errors import UsageError
 from sslcli.eval.monitor import KnnMonitor
 from sslcli.train.distributed import in_torchrun
-from sslcli.train.pretrain import RunOptions, pretrain
+from sslcli.train.pretrain import RunOptions, check_run, pretrain
 
 
 @exits_on_errors
@@ -31,6 +31,8 @@ def pretrain_command(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; warnings only."),
     json_out: bool = typer.Option(False, "--json", help="Print summary.json to stdout (and nothing else)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the config, data and model, print the resolved "
+                                 "config as YAML (JSON with --json) and exit without training."),
 ) -> None:
     """Pretrain a backbone with a self-distillation method.
 
@@ -41,6 +43,8 @@ def pretrain_command(
       ssl pretrain --preset dino-vits16 --data /datasets/imagenet/train --gpus 8 --out runs/dino-s16
 
       ssl pretrain --preset dino-vits16 --out runs/dino-s16 --resume
+
+      ssl pretrain --preset dino-vits16 --set optim.lr=1e-3 --dry-run
     """
     if not preset and not config:
         raise UsageError("give --preset NAME (see: ssl presets list) or --config FILE")
@@ -51,6 +55,10 @@ def pretrain_command(
     setup_logging(quiet or json_out)
     extra = [f"data.path={data}"] if data else []
     cfg = load_config(preset, str(config) if config else None, list(overrides) + extra)
+    if dry_run:
+        check_run(cfg, max(gpus, procs, 1))
+        emit_json(to_dict(cfg)) if json_out else typer.echo(to_yaml(cfg), nl=False)
+        return
     if out is None:
         if resume:
             raise UsageError("--resume needs --out RUN_DIR")

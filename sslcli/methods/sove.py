@@ -64,7 +64,7 @@ class SOVE(SelfDistillation):
         self.register_buffer("patch_memory", F.normalize(torch.randn(cfg.patch_memory, cfg.out_dim), dim=-1))
         self.register_buffer("cls_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("patch_ptr", torch.zeros((), dtype=torch.long))
-        self.draw_seed = int(torch.randint(0, 2**62, ()))  # from the run's seed; kept in the checkpoint
+        self.draw_seed = int(torch.randint(0, 2**62, (), device="cpu"))  # from the run's seed; kept in the checkpoint
 
     def get_extra_state(self) -> Tensor:
         return torch.tensor(self.draw_seed, dtype=torch.long)

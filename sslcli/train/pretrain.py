@@ -24,8 +24,10 @@ import torch
 import sslcli
 from sslcli import runfiles
 from sslcli.config import Config, to_dict, to_yaml
+from sslcli.data import EpochBatchSampler
 from sslcli.data.datasets import open_dataset
 from sslcli.errors import UsageError
+from sslcli.methods import build_method
 from sslcli.train.distributed import DistEnv, barrier, in_torchrun, init_distributed, launch, set_cpu_threads
 from sslcli.train.engine import LoopState
 from sslcli.train.reporting import NullReporter, Reporter
@@ -64,6 +66,17 @@ def pretrain(cfg: Config, opts: RunOptions, make_reporter: Callable[[], Reporter
     if opts.procs > 1 and not in_torchrun():
         return launch(train_process, (cfg, opts, make_reporter, make_monitor), opts.procs)
     return train_process(cfg, opts, make_reporter, make_monitor)
+
+
+def check_run(cfg: Config, world: int = 1) -> None:
+    """What `ssl pretrain --dry-run` checks without training: the dataset opens and fits the batch
+    over `world` processes, and the method builds (on the meta device: no memory, no weights)."""
+    if not cfg.data.path:
+        raise UsageError(f"preset '{cfg.name}' has no training data: pass --data PATH")
+    dataset = open_dataset(cfg.data.path)
+    steps_per_epoch = EpochBatchSampler.check_sizes(len(dataset), cfg.optim.batch_size, world)
+    with torch.device("meta"):
+        build_method(cfg.model, cfg.method, cfg.train.epochs, steps_per_epoch)
 
 
 def train_process(cfg: Config, opts: RunOptions, make_reporter: Callable[[], Reporter],
