@@ -20,9 +20,10 @@ from typing import Any, Literal
 import yaml
 
 from sslcli.errors import ConfigError, hint
-from sslcli.method_configs import (METHOD_CONFIGS, DINOConfig, DINOv2Config, MethodConfig, SOVEConfig,  # noqa: F401
-                                   SimDINOConfig, SimDINOv2Config, SimSiamConfig)
-from sslcli.typed import from_dict, to_dict
+from sslcli.method_configs import (AT_LEAST_1, METHOD_CONFIGS, NON_NEGATIVE, POSITIVE, UNIT,  # noqa: F401
+                                   UNIT_OPEN_LOW, DINOConfig, DINOv2Config, MethodConfig, SimDINOConfig,
+                                   SimDINOv2Config, SimSiamConfig, SOVEConfig, field_checks)
+from sslcli.typed import MAX_YAML_DEPTH, from_dict, load_yaml, read_yaml_file, to_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,6 +32,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 KNN_KS = (10, 20, 100, 200)
 KNN_HEADLINE_K = 20  # the k whose top-1 is reported as "top1"
 KNN_TEMPERATURE = 0.07
+MAX_EPOCHS = 10_000  # schedules are per-iteration lists: a typo such as 1e9 epochs would exhaust memory
 
 
 @dataclass
@@ -192,12 +194,7 @@ def preset_names() -> list[str]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read config file '{path}': {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = read_yaml_file(path)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -267,13 +264,15 @@ def parse_override(text: str) -> dict[str, Any]:
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set expects KEY=VALUE with a dotted key (e.g. optim.lr=0.001), got '{text}'")
+    parts = key.split(".")
+    if len(parts) > MAX_YAML_DEPTH:
+        raise ConfigError(f"--set key '{key[:80]}...' nests deeper than {MAX_YAML_DEPTH} levels")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw, f"--set {key}") if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     nested: dict[str, Any] = {}
     node = nested
-    parts = key.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
@@ -281,11 +280,12 @@ def parse_override(text: str) -> dict[str, Any]:
 
 
 def load_config(preset: str | None = None, config_file: str | None = None,
-                overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Resolve a config from a preset, a config file and `--set` overrides (see module doc)."""
-    data: dict[str, Any] = {}
+                overrides: list[str] | tuple[str, ...] = (), base: dict[str, Any] | None = None) -> Config:
+    """Resolve a config from a preset, a config file and `--set` overrides (see module doc);
+    `base` (e.g. a run's saved config as a dict) stands in for the dataclass defaults."""
+    data: dict[str, Any] = copy.deepcopy(base) if base else {}
     if preset:
-        data = load_preset_dict(preset)
+        data = deep_merge(data, load_preset_dict(preset))
         data.setdefault("name", Path(preset).stem if Path(preset).suffix else preset)
     if config_file:
         extra = _read_yaml(Path(config_file))
@@ -301,61 +301,58 @@ def load_config(preset: str | None = None, config_file: str | None = None,
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that types alone cannot express (then the method's own, `_method_checks`)."""
-    checks = [
-        (cfg.data.global_crops == 2, "data.global_crops must be 2 (the teacher sees two global views)"),
-        (cfg.data.local_crops >= 0, "data.local_crops must be >= 0"),
-        (cfg.optim.batch_size > 0, "optim.batch_size must be positive"),
-        (cfg.optim.layer_decay > 0, "optim.layer_decay must be positive (1 = off)"),
-        (cfg.train.epochs > 0, "train.epochs must be positive"),
-        (cfg.train.log_every > 0, "train.log_every must be positive"),
-        (cfg.train.checkpoint_every > 0, "train.checkpoint_every must be positive"),
-        (cfg.train.workers >= 0, "train.workers must be >= 0"),
-        (cfg.monitor.knn_every >= 0, "monitor.knn_every must be >= 0"),
-        (all(0 < s <= 1 for s in cfg.data.global_crops_scale + cfg.data.local_crops_scale),
-         "crop scales must lie in (0, 1]"),
-        (cfg.bootstrap.tau >= 0, "bootstrap.tau must be >= 0"),
-        (cfg.bootstrap.window >= 1, "bootstrap.window must be >= 1"),
-        (cfg.bootstrap.top_k >= 2, "bootstrap.top_k must be >= 2 (self and at least one neighbour)"),
-        (0 <= cfg.bootstrap.p <= 1, "bootstrap.p must be in [0, 1]"),
-        (0 < cfg.data.mask_probability <= 1, "data.mask_probability must be in (0, 1]"),
-        (0 <= cfg.data.mask_ratio[0] <= cfg.data.mask_ratio[1] < 1, "data.mask_ratio must be 0 <= low <= high < 1"),
-        (cfg.data.mask_min_block is None or cfg.data.mask_min_block >= 1, "data.mask_min_block must be >= 1"),
-        (cfg.data.decode_on == "worker" or cfg.data.augment_on == "device",
-         "data.decode_on: device needs data.augment_on: device (the device crops feed the device augmentation)"),
-    ] + _method_checks(cfg)
+    """Range and cross-field checks that types alone cannot express (then each method's `checks()` and
+    `_method_checks`); the first failing one is a ConfigError naming the key and its value."""
+    d, o, t = cfg.data, cfg.optim, cfg.train
+    checks = (
+        field_checks(cfg.model, "model.", {"drop_path_rate": (lambda v: 0 <= v < 1, "in [0, 1)")})
+        + field_checks(d, "data.", {
+            "global_crop_size local_crop_size std": POSITIVE, "local_crops": NON_NEGATIVE,
+            "global_crops_scale local_crops_scale": UNIT_OPEN_LOW, "mask_probability": UNIT_OPEN_LOW,
+            "mask_min_block": AT_LEAST_1, "color_jitter": NON_NEGATIVE,
+            "color_jitter_prob grayscale_prob blur_probs solarize_prob": UNIT})
+        + field_checks(o, "optim.", {
+            "batch_size layer_decay": POSITIVE, "momentum": UNIT, "betas": (lambda v: 0 <= v < 1, "in [0, 1)"),
+            "lr min_lr warmup_epochs weight_decay weight_decay_end clip_grad patch_embed_lr_mult": NON_NEGATIVE})
+        + field_checks(t, "train.", {"log_every checkpoint_every": POSITIVE, "workers": NON_NEGATIVE,
+                                     "epochs": (lambda v: 0 < v <= MAX_EPOCHS, f"in 1..{MAX_EPOCHS}"),
+                                     "seed": (lambda v: 0 <= v < 2**63, "in 0..2**63 - 1")})
+        + field_checks(cfg.monitor, "monitor.", {"knn_every": NON_NEGATIVE, "knn_k": AT_LEAST_1,
+                                                 "knn_temperature": POSITIVE})
+        + field_checks(cfg.bootstrap, "bootstrap.", {"tau": NON_NEGATIVE, "window": AT_LEAST_1, "p": UNIT})
+        + [(d.global_crops == 2,
+            f"data.global_crops must be 2 (the teacher sees two global views), got {d.global_crops}"),
+           (d.global_crops_scale[0] <= d.global_crops_scale[1],
+            f"data.global_crops_scale must be [low, high] with low <= high, got {list(d.global_crops_scale)}"),
+           (d.local_crops_scale[0] <= d.local_crops_scale[1],
+            f"data.local_crops_scale must be [low, high] with low <= high, got {list(d.local_crops_scale)}"),
+           (d.color_jitter[3] <= 0.5,
+            f"data.color_jitter hue (the 4th value) must be in [0, 0.5], got {d.color_jitter[3]}"),
+           (0 <= d.mask_ratio[0] <= d.mask_ratio[1] < 1,
+            f"data.mask_ratio must be [low, high] with 0 <= low <= high < 1, got {list(d.mask_ratio)}"),
+           (cfg.bootstrap.top_k >= 2,
+            f"bootstrap.top_k must be >= 2 (self and at least one neighbour), got {cfg.bootstrap.top_k}"),
+           (d.decode_on == "worker" or d.augment_on == "device",
+            "data.decode_on: device needs data.augment_on: device (the device crops feed the device augmentation)")]
+        + cfg.method.checks() + _method_checks(cfg))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
 
 
 def _method_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """What the method needs of the other sections (its own ranges: `cfg.method.checks()`)."""
     m = cfg.method
     masked = isinstance(m, DINOv2Config | SimDINOv2Config) or (isinstance(m, SOVEConfig) and m.mim_weight > 0)
     policy = "ibot" if isinstance(m, SOVEConfig) else "dinov2"
     checks = [(masked == (cfg.data.masking != "none"),
                f"method {m.name} {'needs' if masked else 'takes no'} masks: set data.masking="
                f"{policy if masked else 'none'}")]
-    if isinstance(m, SOVEConfig):
-        return checks + [
-            (0 < m.cls_anchors < m.cls_memory, "method.cls_anchors must be in 1..cls_memory - 1"),
-            (0 <= m.judges < m.cls_memory - m.cls_anchors, "method.judges must be >= 0 and smaller than the pool"),
-            (0 < m.patch_anchors <= m.patch_memory, "method.patch_anchors must be in 1..patch_memory"),
-            (m.cls_tasks >= 1 and m.patch_tasks >= 1, "method.cls_tasks and method.patch_tasks must be >= 1"),
-            (0 < m.anchor_weight <= 1, "method.anchor_weight must be in (0, 1]")]
     if isinstance(m, SimSiamConfig):
-        return checks + [
-            (cfg.data.local_crops == 0, "method simsiam takes exactly 2 views per image: set data.local_crops=0"),
-            (m.out_dim > 0 and m.hidden_dim > 0 and m.pred_dim > 0, "method widths must be positive")]
-    if isinstance(m, SimDINOConfig | SimDINOv2Config):
-        return checks + [
-            (m.out_dim > 0 and m.hidden_dim > 0, "method widths must be positive"),
-            (m.eps2 > 0, "method.eps2 must be positive"),
-            (m.gamma is None or m.gamma >= 0, "method.gamma must be >= 0 (or null: 1/n + 1/d)"),
-            (0 <= m.momentum_teacher <= m.momentum_teacher_end <= 1,
-             "method.momentum_teacher must satisfy 0 <= momentum_teacher <= momentum_teacher_end <= 1")]
-    return checks + [  # DINO, DINOv2
-        (m.out_dim > 0 and getattr(m, "ibot_out_dim", 1) > 0, "method.out_dim must be positive"),
-        (m.warmup_teacher_temp_epochs <= cfg.train.epochs,
-         "method.warmup_teacher_temp_epochs must not exceed train.epochs"),
-        (0 <= m.center_momentum <= 1, "method.center_momentum must be in [0, 1]")]
+        checks.append((cfg.data.local_crops == 0,
+                       "method simsiam takes exactly 2 views per image: set data.local_crops=0"))
+    if isinstance(m, DINOConfig | DINOv2Config):
+        checks.append((m.warmup_teacher_temp_epochs <= cfg.train.epochs,
+                       f"method.warmup_teacher_temp_epochs must not exceed train.epochs ({cfg.train.epochs}), "
+                       f"got {m.warmup_teacher_temp_epochs}"))
+    return checks

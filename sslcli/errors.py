@@ -1,7 +1,9 @@
 """Typed errors. The CLI maps them to exit codes in one place (sslcli/cli/app.py).
 
 - UsageError and subclasses: bad input (flag, preset, config key, dataset, checkpoint) -> exit 2.
-- TrainingError: a failure during work (e.g. a non-finite loss) -> exit 1.
+- TrainingError: a failure during work (e.g. a non-finite loss, a crashed process) -> exit 1.
+- StorageError: a file could not be written (disk full, quota, permissions) -> exit 1; the
+  previous version of the file is intact (every write goes to a temporary file first).
 - Interrupted: Ctrl-C after a clean checkpoint -> exit 130.
 """
 
@@ -48,6 +50,12 @@ class CheckpointError(UsageError):
 
 class TrainingError(SSLError):
     """Failure during training (diverged loss, ...): exit code 1, last good checkpoint kept."""
+
+    exit_code = 1
+
+
+class StorageError(SSLError):
+    """A write failed (disk full, file-size limit, permissions): exit code 1, the old file kept."""
 
     exit_code = 1
 

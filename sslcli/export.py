@@ -48,7 +48,7 @@ def export_backbone(weights: str | Path, out: Path, fmt: str = "timm", which: st
               "epoch": "" if info.epoch is None else str(info.epoch), "reported": json.dumps(info.reported)}
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "timm":
-        atomic_save(dict(backbone.model.state_dict()), header, out)
+        atomic_save(dict(backbone.model.state_dict()), header, out, what="exported backbone")
     else:
         example = torch.zeros(1, 3, info.image_size, info.image_size)
         with torch.no_grad():

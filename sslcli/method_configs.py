@@ -3,12 +3,44 @@
 Each class documents its own keys; `sslcli.config` re-exports them. The literal dict
 METHOD_CONFIGS is the whole wiring (no registration); every method file under sslcli/methods
 receives its own class.
+
+Each class's `checks()` returns its own range checks as (ok, message) pairs; `sslcli.config.validate`
+(the single entry point) runs them with the cross-section checks. `field_checks` and the rules
+below are shared with it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+Check = tuple[bool, str]
+Rule = tuple[Callable[[Any], bool], str]  # (predicate on one value, what it expects)
+POSITIVE: Rule = (lambda v: v > 0, "> 0")
+NON_NEGATIVE: Rule = (lambda v: v >= 0, ">= 0")
+AT_LEAST_1: Rule = (lambda v: v >= 1, ">= 1")
+UNIT: Rule = (lambda v: 0 <= v <= 1, "in [0, 1]")
+UNIT_OPEN_LOW: Rule = (lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def field_checks(obj: Any, prefix: str, rules: dict[str, Rule]) -> list[Check]:
+    """One check per field named in `rules` (keys: space-separated field names); a tuple passes when
+    every element does, None (an optional value left to its default) always passes."""
+    out = []
+    for names, (ok, expect) in rules.items():
+        for name in names.split():
+            value = getattr(obj, name)
+            values = () if value is None else value if isinstance(value, tuple) else (value,)
+            shown = list(value) if isinstance(value, tuple) else value
+            out.append((all(map(ok, values)), f"{prefix}{name} must be {expect}, got {shown}"))
+    return out
+
+
+def _teacher_checks(m: Any) -> list[Check]:
+    return [(0 <= m.momentum_teacher <= m.momentum_teacher_end <= 1,
+             "method.momentum_teacher and momentum_teacher_end must satisfy 0 <= momentum_teacher <= "
+             f"momentum_teacher_end <= 1, got {m.momentum_teacher} and {m.momentum_teacher_end}")]
 
 
 @dataclass
@@ -33,6 +65,12 @@ class DINOConfig:
     # false: the teacher is the student at every step (no EMA; SimDINO's Table 8: DINO collapses)
     self_distillation: bool = True
 
+    def checks(self) -> list[Check]:
+        return _teacher_checks(self) + field_checks(self, "method.", {
+            "out_dim hidden_dim bottleneck_dim": POSITIVE, "head_layers": AT_LEAST_1,
+            "student_temp teacher_temp warmup_teacher_temp": POSITIVE, "center_momentum": UNIT,
+            "warmup_teacher_temp_epochs freeze_last_layer": NON_NEGATIVE})
+
 
 @dataclass
 class SimDINOConfig:
@@ -52,6 +90,11 @@ class SimDINOConfig:
     momentum_teacher: float = 0.996  # cosine from this to momentum_teacher_end, per iteration
     momentum_teacher_end: float = 1.0
     self_distillation: bool = True  # false: the teacher is the student at every step (Table 8)
+
+    def checks(self) -> list[Check]:
+        return _teacher_checks(self) + field_checks(self, "method.", {
+            "out_dim hidden_dim eps2": POSITIVE, "head_layers": AT_LEAST_1,
+            "gamma": (NON_NEGATIVE[0], ">= 0 (or null: 1/n + 1/d)")})
 
 
 @dataclass
@@ -80,6 +123,12 @@ class DINOv2Config:
     momentum_teacher_end: float = 1.0
     self_distillation: bool = True
 
+    def checks(self) -> list[Check]:
+        return _teacher_checks(self) + field_checks(self, "method.", {
+            "out_dim hidden_dim bottleneck_dim ibot_out_dim": POSITIVE, "head_layers": AT_LEAST_1,
+            "student_temp teacher_temp warmup_teacher_temp": POSITIVE, "center_momentum": UNIT,
+            "warmup_teacher_temp_epochs freeze_last_layer dino_weight ibot_weight koleo_weight": NON_NEGATIVE})
+
 
 @dataclass
 class SimDINOv2Config(SimDINOConfig):
@@ -88,6 +137,9 @@ class SimDINOv2Config(SimDINOConfig):
     name: Literal["simdinov2"] = "simdinov2"  # type: ignore[assignment]
     patch_weight: float = 1.0
     momentum_teacher: float = 0.9
+
+    def checks(self) -> list[Check]:
+        return super().checks() + field_checks(self, "method.", {"patch_weight": NON_NEGATIVE})
 
 
 @dataclass
@@ -99,6 +151,9 @@ class SimSiamConfig:
     hidden_dim: int = 2048  # projector hidden width
     pred_dim: int = 512  # predictor bottleneck width
     fix_pred_lr: bool = True  # the predictor keeps the base lr (no cosine decay)
+
+    def checks(self) -> list[Check]:
+        return field_checks(self, "method.", {"out_dim hidden_dim pred_dim": POSITIVE})
 
 
 @dataclass
@@ -128,6 +183,17 @@ class SOVEConfig:
     momentum_teacher: float = 0.996
     momentum_teacher_end: float = 1.0
     self_distillation: bool = True
+
+    def checks(self) -> list[Check]:
+        return _teacher_checks(self) + field_checks(self, "method.", {
+            "out_dim hidden_dim student_temp teacher_temp": POSITIVE, "head_layers cls_tasks patch_tasks": AT_LEAST_1,
+            "cls_weight mim_weight": NON_NEGATIVE, "anchor_weight": UNIT_OPEN_LOW}) + [
+            (0 < self.cls_anchors < self.cls_memory, "method.cls_anchors must be in 1..cls_memory - 1, got "
+             f"{self.cls_anchors} (cls_memory {self.cls_memory})"),
+            (0 <= self.judges < self.cls_memory - self.cls_anchors,
+             f"method.judges must be >= 0 and smaller than the pool (cls_memory - cls_anchors), got {self.judges}"),
+            (0 < self.patch_anchors <= self.patch_memory, "method.patch_anchors must be in 1..patch_memory, got "
+             f"{self.patch_anchors} (patch_memory {self.patch_memory})")]
 
 
 # The `method:` section is one of these, selected by its `name` (the whole wiring: a literal dict).

@@ -20,6 +20,7 @@ not itself, AdaSim Table A3, or is of another class, Table A4), `write_result` (
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from sslcli.config import Config
 from sslcli.data.datasets import ImageDataset, open_dataset
 from sslcli.device import pick_device
 from sslcli.errors import CheckpointError, DataError, UsageError, hint
+from sslcli import runfiles
 from sslcli.runfiles import last_checkpoint, read_checkpoint_header, resolve_weights_file, run_dir_of
 
 logger = logging.getLogger(__name__)
@@ -251,19 +253,19 @@ def write_result(result: dict | list[dict], out: Path) -> Path:
     their rank) or FILE.json (the object or the list as returned)."""
     out = Path(out)
     check_out(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".json":
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        runfiles.atomic_write_text(out, json.dumps(result, indent=2) + "\n", what="result")
         return out
     if isinstance(result, dict):
         fields = NEIGHBOR_FIELDS
         rows: list[dict] = [{"rank": r, **n} for r, n in enumerate(result["neighbors"], 1)]
     else:
         fields, rows = SCAN_FIELDS, result
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    runfiles.atomic_write_text(out, text.getvalue(), what="result")
     return out
 
 
@@ -315,8 +317,7 @@ def contact_sheet(result: dict, images: ImageDataset | Callable[[int], Image.Ima
         text_colour = OTHER_COLOUR if neighbour is not None and neighbour["other_class"] else (0, 0, 0)
         draw.text((x, PAD + cell + 2), f"{item['id']} / {item['class_id']}", fill=text_colour, font=font)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path, format="PNG")
+    runfiles.write_atomically(path, lambda tmp: sheet.save(tmp, format="PNG"), what="contact sheet")
     return path
 
 

@@ -23,24 +23,36 @@ Exported backbone (`ssl export --format timm`): timm state-dict keys; header for
 "sslcli-export", format_version, arch, timm_kwargs, image_size, mean, std, preset, epoch, which,
 reported (0.1.0 wrote format "sslcli-export-1" with the same keys).
 
-Writes are atomic: a temporary file in the same folder, then os.replace.
+Writes are atomic and durable: a temporary file in the same folder, fsync, os.replace, fsync of
+the folder; a failed write raises StorageError and leaves the previous file as it was. A run
+directory is held by one `ssl pretrain` at a time (`run_lock`). Files are never unpickled: a
+PyTorch `.pth` given as weights is refused with a line saying so.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from sslcli.config import Config
-from sslcli.errors import CheckpointError, ConfigError
-from sslcli.typed import from_dict
+from sslcli.errors import CheckpointError, ConfigError, StorageError, UsageError
+from sslcli.typed import from_dict, load_yaml
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 TRAIN_FORMAT = "sslcli-train"
 EXPORT_FORMAT = "sslcli-export"
@@ -55,6 +67,9 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 LOG_FILE = "run.log"
+LOCK_FILE = ".lock"
+TMP_SUFFIX = ".tmp"
+PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a bare pickle (protocol >= 2)
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -79,6 +94,24 @@ def resolve_weights_file(weights: str | Path) -> Path:
     return path
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a .jsonl file (metrics.jsonl); a line that does not parse (cut by a crash of
+    the machine) is skipped. [] when the file does not exist."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 def run_dir_of(checkpoint: Path) -> Path | None:
     """The run directory holding `checkpoint` (DIR/checkpoints/x.safetensors), or None."""
     return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else None
@@ -87,27 +120,122 @@ def run_dir_of(checkpoint: Path) -> Path | None:
 # ----------------------------------------------------------------------------- safetensors I/O
 
 
-def atomic_save(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
-    """safetensors write to a temp file next to `path`, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable (the directory entry is the folder's data)."""
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows, where a directory cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some network filesystems refuse to fsync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_reason(e: BaseException) -> str:
+    """'No space left on device' from an OSError, 'File too large (os error 27)' from safetensors."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    return str(e).split("I/O error: ")[-1]
+
+
+def write_atomically(path: Path, write: Callable[[str], None], what: str = "file") -> None:
+    """write(tmp) into a temporary file next to `path`, fsync it, rename it over `path`, fsync the
+    folder: whenever the process dies, `path` holds the old content or the new, never a part.
+
+    A failed write (disk full, file-size limit, permissions) removes the temporary file and raises
+    StorageError naming `what`, the file and the cause; `path` is untouched. A process killed
+    mid-write leaves a `.NAME.*.tmp` file, which `remove_stale_temp` clears on the next start.
+    """
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise StorageError(f"cannot write {what} '{path}': {_write_reason(e)} (the previous file is unchanged)") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def atomic_save(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path, what: str = "file") -> None:
+    """A safetensors file written with `write_atomically`."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), what)
+
+
+def atomic_write_text(path: Path, text: str, what: str = "file") -> None:
+    """A text file written with `write_atomically`."""
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text), what)
+
+
+def remove_stale_temp(folder: Path) -> list[Path]:
+    """Delete the temporary files that killed writers left in `folder` (call it holding the run lock)."""
+    stale = sorted(folder.glob(f".*{TMP_SUFFIX}")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold `run_dir` for one training run: two runs writing into one --out would overwrite each
+    other's checkpoints. An flock on RUN_DIR/.lock, released by the kernel when the process ends,
+    so a killed run never leaves a stale lock. UsageError when another process holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / LOCK_FILE, "a+")
+    try:
+        if fcntl is not None:  # no flock on Windows: no lock there
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UsageError(f"run directory '{run_dir}' is in use by another ssl pretrain ({holder}): wait for it "
+                         "to end or choose another --out") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()
 
 
 def read_metadata(path: Path) -> dict[str, str]:
-    """The string header of a safetensors file; CheckpointError when it is not one."""
+    """The string header of a safetensors file; CheckpointError when it is not one (a truncated
+    or garbage file, a PyTorch pickle, which is never unpickled)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except Exception as e:  # safetensors raises several types for a non-safetensors file
-        raise CheckpointError(f"'{path}' is not a safetensors file ({type(e).__name__})") from None
+        if _starts_with(path, PICKLE_MAGIC):
+            raise CheckpointError(f"'{path}' is a PyTorch pickle file: sslcli never unpickles weights (loading a "
+                                  "pickle can run code); give a run directory, a checkpoint or an `ssl export` "
+                                  ".safetensors file") from None
+        reason = str(e).split(": ")[-1] if isinstance(e, SafetensorError) else type(e).__name__
+        raise CheckpointError(f"'{path}' is not a valid safetensors file ({reason})") from None
+
+
+def _starts_with(path: Path, magics: tuple[bytes, ...]) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head.startswith(magics)
 
 
 def read_tensors(path: Path, prefix: str = "") -> dict[str, Tensor]:
@@ -132,7 +260,7 @@ def write_sections(path: Path, sections: dict[str, dict[str, Tensor]], header: "
                    extra_meta: dict[str, str]) -> None:
     """Inverse of read_sections: `section/key` tensors and the header, atomically."""
     tensors = {f"{s}/{k}": v for s, entries in sections.items() for k, v in entries.items()}
-    atomic_save(tensors, {**extra_meta, **header.to_metadata()}, path)
+    atomic_save(tensors, {**extra_meta, **header.to_metadata()}, path, what="checkpoint")
 
 
 # ----------------------------------------------------------------------------- headers
@@ -151,7 +279,7 @@ def format_of(meta: dict[str, str]) -> tuple[str | None, int]:
 def parse_config(text: str, path: Path) -> Config:
     """The run config stored in a checkpoint header or config.yaml."""
     try:
-        return from_dict(Config, _legacy_config(yaml.safe_load(text)))
+        return from_dict(Config, _legacy_config(load_yaml(text, str(path))))  # guarded: a crafted header may hold an alias bomb
     except (ConfigError, yaml.YAMLError, TypeError) as e:
         raise CheckpointError(f"'{path}' has an unreadable config ({e})") from None
 

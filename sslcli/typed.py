@@ -1,4 +1,5 @@
-"""Typed dataclasses from plain nested dicts (YAML): the one coercion used by every config.
+"""Typed dataclasses from plain nested dicts (YAML): the one coercion used by every config, and the
+one guarded YAML reader (`read_yaml_file`, `load_yaml`: size, alias-bomb and depth limits).
 
 `from_dict(cls, data)` builds dataclass `cls`, rejecting unknown keys and values of the wrong
 type with a ConfigError that names the dotted key and the closest valid names (exit code 2).
@@ -9,15 +10,28 @@ value of its mapping. `to_dict` is the inverse (tuples as lists).
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
+import reprlib
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
+
+import yaml
 
 from sslcli.errors import ConfigError, hint
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 8, 8, 8, 80, 80
+
+
+def show(value: Any) -> str:
+    """repr(value) for an error message, bounded (a hostile value may be huge or deeply nested)."""
+    return _REPR.repr(value)
 
 
 def _type_name(tp: Any) -> str:
@@ -42,29 +56,34 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, args))}, got "
-                              f"{value!r}{hint(str(value), map(str, args))}")
+                              f"{show(value)}{hint(value, map(str, args)) if isinstance(value, str) else ''}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"config key '{key}' must be a list of {len(args)} values, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a list of {len(args)} values, got {show(value)}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a list, got {show(value)}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a mapping, got {show(value)}")
         return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-        return float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
+    if tp is float and (isinstance(value, (int, float)) and not isinstance(value, bool)
+                        or isinstance(value, str) and _FLOAT.fullmatch(value.strip())):
+        try:  # a str: YAML 1.1 reads `1e-3` (no dot) as a string
+            number = float(value)
+        except OverflowError:  # an int beyond the float range
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"config key '{key}' must be a finite float, got {show(value)}")
+        return number
     if tp is bool and isinstance(value, bool):
         return value
     if tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):
         return value
-    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {show(value)}")
 
 
 def _is_dataclass_union(tp: Any) -> bool:
@@ -76,10 +95,12 @@ def _select_variant(tp: Any, value: Any, key: str) -> type:
     """The member of a union of dataclasses whose `name` default equals value["name"] (a section
     without `name` takes the first member, e.g. `method:` defaults to DINO)."""
     variants = {v.name: v for v in typing.get_args(tp)}
-    name = value.get("name", next(iter(variants))) if isinstance(value, dict) else None
-    if name not in variants:
+    if not isinstance(value, dict):
+        raise ConfigError(f"config section '{key}' must be a mapping, got {show(value)}")
+    name = value.get("name", next(iter(variants)))
+    if not isinstance(name, str) or name not in variants:
         raise ConfigError(f"config key '{key}.name' must be one of {', '.join(variants)}, got "
-                          f"{name!r}{hint(str(name), variants)}")
+                          f"{show(name)}{hint(str(name), variants) if isinstance(name, str) else ''}")
     return variants[name]
 
 
@@ -121,3 +142,97 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return plain(dataclasses.asdict(cfg))
+
+
+MAX_YAML_BYTES = 1 << 20  # presets are a few KB
+MAX_YAML_NODES = 100_000  # values after alias expansion (a "billion laughs" file is tiny but expands hugely)
+MAX_YAML_DEPTH = 64  # nesting levels after alias expansion (the loaders and the merge recurse)
+
+
+class _Refused(Exception):
+    pass
+
+
+class _GuardedLoader(yaml.SafeLoader):
+    """SafeLoader whose composer stops past MAX_YAML_NODES nodes or MAX_YAML_DEPTH levels (PyYAML's
+    composer recurses: a deep document would otherwise end in a RecursionError)."""
+
+    composed = depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self.composed, self.depth = self.composed + 1, self.depth + 1
+        try:
+            if self.composed > MAX_YAML_NODES:
+                raise _Refused(f"has more than {MAX_YAML_NODES} values")
+            if self.depth > MAX_YAML_DEPTH:
+                raise _Refused(f"nests deeper than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load(text), refused with a ConfigError naming `where` when it holds more than
+    MAX_YAML_NODES values or nests deeper than MAX_YAML_DEPTH levels once its aliases are expanded,
+    or when an alias sits inside its own anchor. The node graph is composed and measured before
+    anything is constructed, so an alias bomb is never expanded. yaml.YAMLError passes through."""
+    loader = _GuardedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_node_graph(node)
+        return loader.construct_document(node)
+    except _Refused as e:
+        raise ConfigError(f"{where} is refused: it {e}") from None
+    finally:
+        loader.dispose()
+
+
+def _check_node_graph(root: yaml.Node) -> None:
+    """Expanded size and height of the node graph, memoised per node (an alias is the very node
+    object its anchor names, so a bomb costs one visit per distinct node)."""
+    size: dict[int, tuple[int, int]] = {}  # id -> (expanded values, expanded levels)
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else (
+            node.value if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            open_nodes.discard(id(node))
+            sub = [size[id(c)] for c in children]
+            size[id(node)] = values, levels = 1 + sum(n for n, _ in sub), 1 + max((h for _, h in sub), default=0)
+            if values > MAX_YAML_NODES:
+                raise _Refused(f"expands to more than {MAX_YAML_NODES} values through its aliases (an alias bomb?)")
+            if levels > MAX_YAML_DEPTH:
+                raise _Refused(f"nests deeper than {MAX_YAML_DEPTH} levels through its aliases")
+        elif id(node) in open_nodes:
+            raise _Refused("has an alias inside its own anchor (a recursive structure)")
+        elif id(node) not in size:
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children)
+
+
+def read_yaml_file(path: Path, what: str = "config file") -> Any:
+    """The YAML document in `path`; ConfigError (one line naming the file) when it cannot be read, is
+    over MAX_YAML_BYTES (checked before reading: a 50 MB file is never read), is not UTF-8 text or
+    valid YAML, or is hostile (see load_yaml)."""
+    limit = f"the limit is {MAX_YAML_BYTES // 2**20} MiB"
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_YAML_BYTES:
+                raise ConfigError(f"{what} '{path}' is too large ({size / 2**20:.1f} MiB, {size} bytes; {limit})")
+            raw = f.read(MAX_YAML_BYTES + 1)  # a pipe or device reports no size
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} '{path}': {e.strerror or e}") from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(f"{what} '{path}' is too large (more than {MAX_YAML_BYTES} bytes; {limit})")
+    try:
+        return load_yaml(raw.decode("utf-8"), f"{what} '{path}'")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} '{path}' is not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {(str(e).splitlines() or [''])[0]}") from None

@@ -55,7 +55,7 @@ def test_bad_weights_are_usage_errors(tmp_path):
         load_backbone(tmp_path / "nothing")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
-    with pytest.raises(CheckpointError, match="not a safetensors file"):
+    with pytest.raises(CheckpointError, match="is not a valid safetensors file"):
         load_backbone(junk)
     with pytest.raises(CheckpointError, match="--which"):
         load_backbone(tmp_path, which="both")

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from sslcli.errors import SSLError
 
@@ -26,7 +27,8 @@ def exits_on_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except SSLError as e:
-            stderr.print(f"[bold red]error:[/] {e}" if e.exit_code != 130 else f"[yellow]{e}[/]",
+            text = escape(str(e))  # messages quote paths and library errors: "[...]" is not markup
+            stderr.print(f"[bold red]error:[/] {text}" if e.exit_code != 130 else f"[yellow]{text}[/]",
                          highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from sslcli import runfiles
 from sslcli.cli.common import emit_json, exits_on_errors, stdout
 from sslcli.cli.progress import task_progress
 from sslcli.device import DEVICE_KINDS
@@ -51,8 +52,7 @@ def flatten(metrics: dict, prefix: str = "") -> list[tuple[str, object]]:
 def render(result: dict, out: Path | None, json_out: bool) -> None:
     """Table on stdout, or JSON alone on stdout with --json; --out writes the JSON file too."""
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        runfiles.atomic_write_text(out, json.dumps(result, indent=2) + "\n", what="report")
     if json_out:
         emit_json(result)
         return
@@ -221,9 +221,9 @@ def run_all(weights: Weights = None,
         result = suite.run_suite(src, suite_file, progress)
     table = suite.markdown_table(result)
     if markdown is not None:
-        markdown.write_text(table)
+        runfiles.atomic_write_text(markdown, table, what="report")
     if out is not None:
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        runfiles.atomic_write_text(out, json.dumps(result, indent=2) + "\n", what="report")
     if json_out:
         emit_json(result)
     else:

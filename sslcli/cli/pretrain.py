@@ -15,7 +15,7 @@ from sslcli.config import load_config, to_dict, to_yaml
 from sslcli.errors import UsageError
 from sslcli.eval.monitor import KnnMonitor
 from sslcli.train.distributed import in_torchrun
-from sslcli.train.pretrain import RunOptions, check_run, pretrain
+from sslcli.train.pretrain import RunOptions, check_run, pretrain, resume_config
 
 
 @exits_on_errors
@@ -25,7 +25,9 @@ def pretrain_command(
     overrides: list[str] = typer.Option([], "--set", "-s", help="Override KEY=VALUE (YAML-typed), repeatable."),
     data: Optional[str] = typer.Option(None, "--data", help="Training images: ImageFolder root, folder, builtin:NAME."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/PRESET-TIME)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last.safetensors."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last.safetensors (with the "
+                                "run's own config unless --preset/--config is given; --set may change the "
+                                "number of epochs and how the run executes)."),
     gpus: int = typer.Option(0, "--gpus", help="Start N processes, one per local GPU (NCCL)."),
     procs: int = typer.Option(0, "--procs", help="Start N CPU processes (gloo), e.g. to test DDP."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
@@ -42,11 +44,13 @@ def pretrain_command(
 
       ssl pretrain --preset dino-vits16 --data /datasets/imagenet/train --gpus 8 --out runs/dino-s16
 
-      ssl pretrain --preset dino-vits16 --out runs/dino-s16 --resume
+      ssl pretrain --out runs/dino-s16 --resume
+
+      ssl pretrain --out runs/dino-s16 --resume --set train.epochs=300
 
       ssl pretrain --preset dino-vits16 --set optim.lr=1e-3 --dry-run
     """
-    if not preset and not config:
+    if not preset and not config and not resume:
         raise UsageError("give --preset NAME (see: ssl presets list) or --config FILE")
     if gpus and procs:
         raise UsageError("--gpus and --procs are exclusive (--gpus N starts one process per GPU)")
@@ -54,14 +58,17 @@ def pretrain_command(
         raise UsageError(f"--device must be auto, cpu or cuda, got '{device}'")
     setup_logging(quiet or json_out)
     extra = [f"data.path={data}"] if data else []
-    cfg = load_config(preset, str(config) if config else None, list(overrides) + extra)
+    if resume and out is None:
+        raise UsageError("--resume needs --out RUN_DIR")
+    if resume and not preset and not config:  # the run's own config, with the overrides allowed on resume
+        cfg = resume_config(out, list(overrides) + extra)
+    else:
+        cfg = load_config(preset, str(config) if config else None, list(overrides) + extra)
     if dry_run:
         check_run(cfg, max(gpus, procs, 1))
         emit_json(to_dict(cfg)) if json_out else typer.echo(to_yaml(cfg), nl=False)
         return
     if out is None:
-        if resume:
-            raise UsageError("--resume needs --out RUN_DIR")
         if in_torchrun():  # every rank must name the same (shared) directory
             raise UsageError("under torchrun pass --out RUN_DIR (on storage shared by all nodes)")
         out = Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"

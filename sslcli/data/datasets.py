@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from sslcli.data.builtin import make_shapes
-from sslcli.data.decode import Source, read_source
+from sslcli.data.decode import Source, read_source, to_rgb
 from sslcli.data.folder import scan_image_folder
 from sslcli.errors import DataError, hint
 
@@ -59,17 +59,22 @@ class ImageDataset(Dataset):
         return len(self.paths)
 
     def load(self, i: int) -> Image.Image:
-        """Image `i` as an RGB PIL image (its native size).
+        """Image `i` as an RGB PIL image (its native size), decoded as torchvision's ImageFolder
+        loader does (PIL open + convert("RGB")): palette images through their palette, alpha
+        dropped (not composited), CMYK converted by PIL, and the EXIF orientation NOT applied (the
+        stored size and pixel order, as the reference code sees them). One deviation: 16-bit
+        greyscale is scaled to 8 bits (value >> 8, `to_rgb`) where convert() clips it to white.
 
-        Raises OSError / PIL errors on a corrupt or unreadable file (the caller decides).
+        Raises OSError / PIL errors on a corrupt, truncated, unreadable or missing file and
+        DecompressionBombError on a header claiming over 2 x Image.MAX_IMAGE_PIXELS pixels, before
+        any pixel is allocated (the caller decides: TrainSet skips and counts, evals refuse).
         In-memory (built-in) images are returned as-is: do not modify them in place.
         """
         if self._images is not None:
             return self._images[i]
         path = self.root / self.paths[i]  # type: ignore[operator]
         with open(path, "rb") as f:
-            img = Image.open(f)
-            return img.convert("RGB")  # convert() decodes fully, inside the `with`
+            return to_rgb(Image.open(f))  # to_rgb decodes fully, inside the `with`
 
     def load_source(self, i: int) -> Source:
         """Image `i` for `data.decode_on: device`: the file's JPEG bytes and header size when the

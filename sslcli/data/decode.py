@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -101,16 +102,27 @@ def device_decodable(data: bytes, img: Image.Image) -> bool:
             and img.mode in DEVICE_MODES)
 
 
-def read_source(path: Path) -> Source:
-    """The file's bytes when the device can decode them, else the PIL-decoded RGB image.
+def to_rgb(img: Image.Image) -> Image.Image:
+    """`img.convert("RGB")` (decodes fully), except that 16-bit greyscale (modes I;16*) is scaled
+    to 8 bits (value >> 8) first, where convert() would clip every value above 255 to white."""
+    if img.mode.startswith("I;16"):
+        img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))  # mode L
+    return img.convert("RGB")
 
-    Raises OSError / PIL errors on an unreadable file or header (TrainSet skips the image).
+
+def read_source(path: Path) -> Source:
+    """The file's bytes when the device can decode them, else the RGB image decoded here by
+    `to_rgb`, as ImageDataset.load decodes it. The EXIF orientation is not applied on either path
+    (decode_jpeg's default, PIL's too).
+
+    Raises OSError / PIL errors on an unreadable file or header (TrainSet skips the image),
+    DecompressionBombError on a header claiming over 2 x Image.MAX_IMAGE_PIXELS pixels.
     """
     data = Path(path).read_bytes()
     img = Image.open(io.BytesIO(data))  # lazy: parses the header only, .size and .mode without decoding
     if device_decodable(data, img):
         return Source(torch.frombuffer(bytearray(data), dtype=torch.uint8), *img.size)  # (n,) uint8
-    return Source.from_pil(img)  # convert() decodes fully
+    return Source.from_pil(to_rgb(img))
 
 
 @dataclass

@@ -9,10 +9,18 @@ position), identical to `torchvision.datasets.ImageFolder(root, allow_empty=True
 An unlabeled folder (no sub-directory holds an image, images directly in root) gives label -1
 for every image and classes [].
 
+Deviations from ImageFolder, only for entries it cannot use:
+  an image-named entry that is not a regular file once symlinks are followed (`DirEntry.is_file()`
+  false: a FIFO, socket or device node, or a dangling symlink) is left out of the index with a
+  warning naming it (ImageFolder lists it, and opening a FIFO then blocks the loader forever; the
+  images after it get ids one lower than ImageFolder's). This is the one deviation for a tree
+  without symlink loops; a loop is not re-entered (see _walk_class) where os.walk lists the
+  same images again at every level until the OS refuses the path.
+
 Speed: one `os.scandir` per directory (file types come from the directory entries, no stat per
-file), so 1.28M files in 1000 directories index in seconds. With a `cache_dir`, the index is kept
-in `cache_dir/index-<sha1(root)[:16]>.json` and reused while the root and every scanned
-directory keep their mtime (adding/removing/renaming a file changes its directory's mtime).
+file but per symlink), so 1.28M files in 1000 directories index in seconds. With a `cache_dir`,
+the index is kept in `cache_dir/index-<sha1(root)[:16]>.json` and reused while the root and every
+scanned directory keep their mtime (adding/removing/renaming a file changes its directory's mtime).
 A scan is not cached when a directory changed less than `RACY_SECONDS` before it started, since a
 later change in the same filesystem-clock tick would go unnoticed.
 """
@@ -35,7 +43,7 @@ from sslcli.errors import DataError
 logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: non-regular files left out (an older index may list a FIFO)
 RACY_SECONDS = 2.0
 
 
@@ -71,19 +79,27 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
+def _is_kind(entry: os.DirEntry, kind: str) -> bool:
+    """entry.is_dir() / entry.is_file() (symlinks followed), False when the check itself fails."""
+    try:
+        return getattr(entry, kind)()
+    except OSError:
+        return False
+
+
 def _list_dir(path: str) -> tuple[list[os.DirEntry], list[str]]:
-    """(sub-directory entries, image file names) of one directory, as os.walk classifies them."""
-    subdirs, images = [], []
+    """(sub-directory entries, image file names) of one directory, as os.walk classifies them,
+    less the image-named entries that are not regular files (skipped with a warning, module doc)."""
+    subdirs, images, odd = [], [], []
     with os.scandir(path) as it:
         for entry in it:
-            try:
-                is_dir = entry.is_dir()
-            except OSError:
-                is_dir = False
-            if is_dir:
+            if _is_kind(entry, "is_dir"):
                 subdirs.append(entry)
             elif _is_image(entry.name):
-                images.append(entry.name)
+                (images if _is_kind(entry, "is_file") else odd).append(entry.name)
+    if odd:
+        logger.warning("%s: skipping %d image-named entries that are not regular files (FIFO, "
+                       "socket, device or dangling symlink): %s", path, len(odd), ", ".join(sorted(odd)[:10]))
     return subdirs, images
 
 

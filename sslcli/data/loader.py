@@ -25,7 +25,9 @@ from the image sizes and ship DecodePlans; `Batch.decode` cuts the crops on the 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import random
+import sys
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -289,10 +291,34 @@ def build_train_loader(dataset: ImageDataset, cfg: DataConfig, batch_size_total:
                         collate_fn=collate_views, pin_memory=pin_memory,
                         persistent_workers=workers > 0,
                         prefetch_factor=4 if workers > 0 else None,
+                        multiprocessing_context=worker_start_method() if workers > 0 else None,
+                        worker_init_fn=quiet_connection_errors,
                         # its own generator: creating an epoch's iterator must not draw from the
                         # global RNG, or a resumed run's drop-path stream would differ
                         generator=torch.Generator().manual_seed(seed))
     return loader, sampler
+
+
+def worker_start_method() -> str | None:
+    """'fork' where the platform has it, else the default. Forked workers start at once and share
+    the dataset's memory; under spawn (the default inside `--procs`/`--gpus` processes, which are
+    spawned) and forkserver (Python 3.14's default) every worker re-imports torch and receives the
+    pickled dataset, and a worker whose training process dies mid-start prints a traceback.
+    Workers never touch CUDA, so forking after CUDA initialisation is safe (as under torchrun)."""
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+
+
+def quiet_connection_errors(worker_id: int) -> None:
+    """Loader worker init: a ConnectionError reaching sys.excepthook in a worker (torch's
+    tensor-sharing server thread reports through it) means the training process is gone (killed);
+    its launcher prints the one line that matters, so the orphaned worker adds no traceback."""
+    default = sys.excepthook
+
+    def hook(kind, value, traceback) -> None:
+        if not issubclass(kind, ConnectionError):
+            default(kind, value, traceback)
+
+    sys.excepthook = hook
 
 
 def _mask_plan(cfg: DataConfig, grid: tuple[int, int] | None, batch_size_total: int, seed: int) -> MaskPlan | None:

@@ -95,7 +95,7 @@ def save_features(path: Path | str, fs: FeatureSet) -> Path:
         t = getattr(fs, name)
         if t is not None:
             tensors[name] = t.detach().to("cpu", torch.int64).contiguous()
-    atomic_save(tensors, dict(fs.meta), path)
+    atomic_save(tensors, dict(fs.meta), path, what="feature file")
     return path
 
 

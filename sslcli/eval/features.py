@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -25,7 +26,7 @@ class TransformedImages(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         try:
             image = self.images.load(i)
-        except (OSError, ValueError) as e:  # evals must not silently skip images: name the file
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # evals never skip images: name the file
             raise DataError(f"cannot read image {i} ({self.images.paths[i]}): {type(e).__name__}") from None
         return self.transform(image), int(self.images.labels[i])
 

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from sslcli.data.datasets import ImageDataset, open_dataset
+from sslcli.data.decode import to_rgb
 from sslcli.data.transforms import BICUBIC, eval_transform
 from sslcli.device import autocast
 from sslcli.errors import DataError, UsageError, hint
@@ -192,7 +193,7 @@ class RetrievalImages(Dataset):
         path = self.paths[i]
         try:
             with Image.open(path) as f:
-                img = f.convert("RGB")
+                img = to_rgb(f)  # as training reads images (16-bit greyscale scaled, not clipped)
             if self.boxes is not None:
                 img = crop_box(img, self.boxes[i], path)
         except DataError as e:

@@ -20,12 +20,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from sslcli.errors import ConfigError, UsageError
 from sslcli.eval import tasks
 from sslcli.eval.options import parse_options
 from sslcli.eval.weights import read_weights_info
+from sslcli.typed import read_yaml_file
 
 RUNNERS: dict[str, Callable[..., dict]] = {"knn": tasks.run_knn, "linear": tasks.run_linear,
                                            "fewshot": tasks.run_fewshot, "davis": tasks.run_davis_eval,
@@ -35,12 +34,7 @@ HEADLINE = {"knn": "top1", "linear": "top1", "fewshot": "accuracy", "davis": "J&
 
 def read_suite(path: Path) -> list[tuple[str, Any]]:
     """[(task, its options dataclass)] of every entry, all checked before any eval runs."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise UsageError(f"cannot read suite file '{path}': {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise UsageError(f"suite file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = read_yaml_file(Path(path), "suite file")  # size and alias-bomb limits, one-line errors
     entries = data.get("evals") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries:
         raise UsageError(f"suite file '{path}' needs a non-empty list under 'evals:'")

@@ -78,7 +78,12 @@ def load_backbone(weights: str | Path, which: str = "teacher",
     except ConfigError as e:
         raise CheckpointError(f"weights '{path}': {e}") from None
     state = runfiles.read_tensors(path, prefix)
-    missing, unexpected = backbone.model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = backbone.model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # mis-shaped tensors: weights of another size of the architecture
+        shapes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise CheckpointError(f"weights '{path}' do not fit {info.arch} {info.kwargs or ''} "
+                              f"({(shapes or [str(e)])[0]})") from None
     if missing or unexpected or not state:
         raise CheckpointError(f"weights '{path}' do not fit {info.arch} (missing {list(missing)[:3]}, "
                               f"unexpected {list(unexpected)[:3]})")

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from sslcli.config import ModelConfig
 from sslcli.errors import ConfigError, hint
+from sslcli.typed import show
 
 VIT_PREFIXES = ("vit_", "deit", "eva", "beit")
 
@@ -142,8 +143,12 @@ def create_backbone(cfg: ModelConfig, drop_path_rate: float | None = None, mask_
         kwargs.setdefault("strict_img_size", False)
     try:
         model = timm.create_model(cfg.arch, pretrained=False, num_classes=0, **kwargs)
-    except TypeError as e:
-        raise ConfigError(f"model.kwargs not accepted by '{cfg.arch}': {e}") from None
+    except (TypeError, ValueError, AssertionError, RuntimeError, ArithmeticError, KeyError, IndexError) as e:
+        # timm checks its arguments with asserts and fails on others deep inside (a negative depth, an
+        # embed_dim not divisible by num_heads, an unknown act_layer, patch_size 0): all bad input.
+        detail = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"model.kwargs {show(cfg.kwargs)} not accepted by model.arch '{cfg.arch}' "
+                          f"({type(e).__name__}{': ' + detail if detail else ''})") from None
     if cfg.vit_token_init == "dino" and getattr(model, "cls_token", None) is not None:
         nn.init.trunc_normal_(model.cls_token, std=0.02)  # DINO's init (timm: normal std 1e-6)
     return Backbone(model, cfg.arch, cfg.pos_embed_resample, mask_token)

@@ -11,6 +11,7 @@ exit code is the same as in a single-process run.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -125,26 +126,42 @@ def _wait(context: mp.ProcessContext) -> None:
 
 
 def launch(fn: Callable, args: tuple, nprocs: int) -> Any:
-    """Run fn(*args) in `nprocs` local processes; return rank 0's result or re-raise its error."""
+    """Run fn(*args) in `nprocs` local processes; return rank 0's result or re-raise its error.
+
+    When one process fails or dies, the others are stopped (SIGTERM, then SIGKILL after 30 s) and
+    one TrainingError line says which; a typed error a process raised (e.g. a bad checkpoint) wins
+    over the collective errors it caused in the others.
+    """
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     port = _free_port()
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # our line says it
     context = mp.start_processes(_child, args=(fn, args, nprocs, port, results), nprocs=nprocs,
                                  join=False, start_method="spawn")
+    failure: Exception | None = None
     try:
         _wait(context)
     except KeyboardInterrupt:  # children got SIGINT too: let them write their checkpoint
         _wait(context)
-    except mp.ProcessRaisedException as e:
-        raise errors.TrainingError(f"a training process failed: {str(e).strip().splitlines()[-1]}") from None
-    except mp.ProcessExitedException as e:
-        raise errors.TrainingError(f"a training process died (exit code {e.exit_code})") from None
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        failure = e
     outcomes = {}
     while not results.empty():
         rank, kind, value = results.get()
         outcomes[rank] = (kind, value)
-    failures = [(r, k, v) for r, (k, v) in sorted(outcomes.items()) if k != "ok"]
-    if failures:
-        _, kind, message = failures[0]
+    typed = [(k, v) for _, (k, v) in sorted(outcomes.items()) if k != "ok"]
+    if typed:
+        kind, message = typed[0]
         raise getattr(errors, kind, errors.SSLError)(message)
+    if failure is not None:
+        raise _process_failure(failure, nprocs)
     return outcomes.get(0, ("ok", None))[1]
+
+
+def _process_failure(e: Exception, nprocs: int) -> errors.TrainingError:
+    if isinstance(e, mp.ProcessExitedException):
+        how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with code {e.exit_code}"
+    else:
+        how = f"failed ({str(e).strip().splitlines()[-1]})"
+    return errors.TrainingError(f"training process {e.error_index} of {nprocs} {how}; the others were stopped "
+                                "(the last checkpoint is intact: continue with --resume)")

@@ -10,8 +10,10 @@ checkpoints/last.safetensors and checkpoints/epoch-NNNN.safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ import torch
 
 import sslcli
 from sslcli import runfiles
-from sslcli.config import Config, to_dict, to_yaml
+from sslcli.config import Config, load_config, to_dict, to_yaml
 from sslcli.data import EpochBatchSampler
 from sslcli.data.datasets import open_dataset
 from sslcli.errors import UsageError
@@ -52,20 +54,75 @@ def pretrain(cfg: Config, opts: RunOptions, make_reporter: Callable[[], Reporter
 
     make_monitor: builds the online evaluator when `monitor.knn_every` is set (the CLI passes
     sslcli.eval.monitor.KnnMonitor; training never imports eval). Called on rank 0 only.
+    The run directory is locked for the whole run (a second `ssl pretrain` into it exits 2);
+    temporary files left by a killed run are removed first.
     """
     last = runfiles.last_checkpoint(opts.out)
     if opts.resume and not last.is_file():
         raise UsageError(f"--resume: no checkpoint at {last}")
-    if not opts.resume and last.is_file():
-        raise UsageError(f"run directory '{opts.out}' already holds a run: pass --resume to continue it, "
-                         "or choose another --out")
-    if not cfg.data.path:
-        raise UsageError(f"preset '{cfg.name}' has no training data: pass --data PATH (an ImageFolder root, "
-                         "a folder of images, or builtin:shapes)")
-    open_dataset(cfg.data.path, cache_dir=opts.out)  # fail fast on a missing/empty dataset (exit 2)
-    if opts.procs > 1 and not in_torchrun():
-        return launch(train_process, (cfg, opts, make_reporter, make_monitor), opts.procs)
-    return train_process(cfg, opts, make_reporter, make_monitor)
+    holds_lock = not in_torchrun() or os.environ.get("RANK") == "0"  # torchrun: rank 0 holds it
+    with runfiles.run_lock(opts.out) if holds_lock else contextlib.nullcontext():
+        if holds_lock:
+            for folder in (opts.out, opts.out / runfiles.CHECKPOINTS):
+                for path in runfiles.remove_stale_temp(folder):
+                    log.info("removed %s, left by an interrupted write", path)
+        if opts.resume:
+            check_resume_config(runfiles.read_checkpoint_header(last).config, cfg, last)
+        elif last.is_file():
+            raise UsageError(f"run directory '{opts.out}' already holds a run: pass --resume to continue it, "
+                             "or choose another --out")
+        if not cfg.data.path:
+            raise UsageError(f"preset '{cfg.name}' has no training data: pass --data PATH (an ImageFolder root, "
+                             "a folder of images, or builtin:shapes)")
+        open_dataset(cfg.data.path, cache_dir=opts.out)  # fail fast on a missing/empty dataset (exit 2)
+        if opts.procs > 1 and not in_torchrun():
+            return launch(train_process, (cfg, opts, make_reporter, make_monitor), opts.procs)
+        return train_process(cfg, opts, make_reporter, make_monitor)
+
+
+# Keys that may differ from the run's config on --resume: where the data lives (the same images),
+# how long to train, and how the run is executed and reported. Prefixes end with ".".
+RESUMABLE_KEYS = ("name", "notes", "source.", "data.path", "data.decode_on", "train.epochs", "train.workers",
+                  "train.log_every", "train.checkpoint_every", "train.compile", "train.precision", "monitor.")
+
+
+def config_differences(old: Config, new: Config) -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) of every leaf that differs, in config order."""
+    a, b = _flatten(to_dict(old)), _flatten(to_dict(new))
+    return [(k, a.get(k), b.get(k)) for k in list(a) + [k for k in b if k not in a] if a.get(k) != b.get(k)]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resume_config(saved: Config, cfg: Config, checkpoint: Path) -> None:
+    """UsageError naming the keys where `cfg` differs from the run's config in a way a resume
+    cannot honour (anything outside RESUMABLE_KEYS)."""
+    fixed = [(k, a, b) for k, a, b in config_differences(saved, cfg)
+             if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS)]
+    if not fixed:
+        return
+    shown = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in fixed[:4])
+    more = f" and {len(fixed) - 4} more" if len(fixed) > 4 else ""
+    raise UsageError(f"--resume: the config differs from the run's ({checkpoint}) in {shown}{more}; on resume "
+                     f"only {', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in RESUMABLE_KEYS)} "
+                     "may change (start a new run for the others)")
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> Config:
+    """The run's own config (its last checkpoint's header) with `--set` overrides applied: what
+    `ssl pretrain --resume --out DIR` trains when no preset or config file is given."""
+    last = runfiles.last_checkpoint(run_dir)
+    if not last.is_file():
+        raise UsageError(f"--resume: no checkpoint at {last}")
+    return load_config(overrides=overrides, base=to_dict(runfiles.read_checkpoint_header(last).config))
 
 
 def check_run(cfg: Config, world: int = 1) -> None:
@@ -98,7 +155,7 @@ def _prepare_run_dir(cfg: Config, opts: RunOptions, env: DistEnv) -> logging.Han
     if not env.is_main:
         return None
     (opts.out / runfiles.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-    (opts.out / runfiles.CONFIG_FILE).write_text(to_yaml(cfg))
+    runfiles.atomic_write_text(opts.out / runfiles.CONFIG_FILE, to_yaml(cfg), what="run config")
     handler = logging.FileHandler(opts.out / runfiles.LOG_FILE)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("sslcli").addHandler(handler)
@@ -121,16 +178,12 @@ def _train(cfg: Config, opts: RunOptions, env: DistEnv, reporter: Reporter,
     summary = _summary(cfg, env, trainer.state, knn, time.time() - started, len(dataset))
     summary["health_warnings"] = sorted(trainer.warned)  # collapse signals the method named (this invocation)
     if env.is_main:
-        (opts.out / runfiles.SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        runfiles.atomic_write_text(opts.out / runfiles.SUMMARY_FILE, json.dumps(summary, indent=2) + "\n", what="summary")
     return summary
 
 
 def _read_knn_history(out: Path) -> dict[int, float]:
-    path = out / runfiles.METRICS_FILE
-    if not path.exists():
-        return {}
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["epoch"]: r["knn_top1"] for r in records if "knn_top1" in r}
+    return {r["epoch"]: r["knn_top1"] for r in runfiles.read_jsonl(out / runfiles.METRICS_FILE) if "knn_top1" in r}
 
 
 def _summary(cfg: Config, env: DistEnv, state: LoopState, knn: dict[int, float], seconds: float, n: int) -> dict:

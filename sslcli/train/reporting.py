@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any, Protocol
 
+from sslcli import runfiles
+
 
 class Reporter(Protocol):
     def start(self, total_steps: int, start_step: int, steps_per_epoch: int) -> None: ...
@@ -44,18 +46,14 @@ class NullReporter:
 class MetricsWriter:
     """metrics.jsonl: one JSON object per line, flushed per line (readable while training).
 
-    On resume, lines past the checkpoint's step are dropped first, so an interrupted-and-resumed
-    run has exactly the lines of an uninterrupted one.
+    On resume, lines past the checkpoint's step (and a line cut by a crash) are dropped first, in
+    one atomic rewrite, so an interrupted-and-resumed run has exactly the lines of an uninterrupted one.
     """
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
-        if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
-        elif resume_step is None:
-            path.write_text("")
+        kept = [r for r in runfiles.read_jsonl(path) if r.get("step", 0) <= resume_step] if resume_step is not None else []
+        runfiles.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept), what="metrics")
         self._file = path.open("a", buffering=1)
 
     def write(self, record: dict[str, Any]) -> None:

@@ -18,10 +18,11 @@ the uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
@@ -33,7 +34,7 @@ from sslcli.config import Config, DataConfig, MonitorConfig, OptimConfig, to_yam
 from sslcli.data import Batch, EpochBatchSampler, ImageDataset, build_train_loader
 from sslcli.data.masking import patch_grid
 from sslcli.device import autocast
-from sslcli.errors import Interrupted, UsageError
+from sslcli.errors import Interrupted, TrainingError, UsageError
 from sslcli.methods import Method, StepContext, StepOutput, build_method
 from sslcli.models import Backbone
 from sslcli.train import checkpoint as ckpt
@@ -67,6 +68,20 @@ def train_step(method: Method, optimizer: torch.optim.Optimizer, batch: Batch, c
     optimizer.step()
     method.after_step(ctx, out)
     return out
+
+
+@contextlib.contextmanager
+def worker_deaths_as_errors(state: LoopState) -> Iterator[None]:
+    """A loader worker that died (killed, out of memory) becomes one TrainingError line (exit 1)
+    instead of torch's RuntimeError traceback. torch raises it from `next(loader)` or, through its
+    SIGCHLD handler, wherever the main thread is at that moment: hence around the whole loop."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        kept = f"the last checkpoint {state.last_checkpoint} is intact" if state.last_checkpoint else "no checkpoint yet"
+        raise TrainingError(f"a data-loading worker died ({str(e).splitlines()[0].rstrip('. ')}); {kept}") from None
 
 
 class Trainer:
@@ -131,7 +146,7 @@ class Trainer:
                  spe, cfg.train.epochs, self.env.world, self.env.device)
         self.reporter.start(cfg.train.epochs * spe, state.step, spe)
         try:
-            with self.stop.installed():
+            with self.stop.installed(), worker_deaths_as_errors(state):
                 for epoch in range(state.step // spe, cfg.train.epochs):
                     self._epoch(epoch)
                     self.guard.check(state.last_checkpoint, self.method.divergence_hint)
@@ -270,16 +285,22 @@ class Trainer:
         saved, header = ckpt.load_training_state(path)
         if self.bootstrap is not None:
             self._restore_bootstrap(path, saved.extra)
-        missing, unexpected = self.method.load_state_dict(saved.model, strict=False)
+        try:
+            missing, unexpected = self.method.load_state_dict(saved.model, strict=False)
+        except RuntimeError as e:  # mis-shaped tensors: torch lists every one, name the first
+            shapes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+            raise UsageError(f"checkpoint '{path}' does not match this config ({(shapes or [str(e)])[0]})") from None
         if missing or unexpected:
             raise UsageError(f"checkpoint '{path}' does not match this config "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         ckpt.optimizer_from_tensors(self.optimizer, saved.optim_state, saved.optim_groups)
         env, state = self.env, self.state
         if saved.rng["torch"].shape[0] == env.world:
-            torch.set_rng_state(saved.rng["torch"][env.rank])
+            # clone: set_rng_state reads a row view from its storage's start (rank > 0 got rank 0's
+            # bytes shifted: "Invalid mt19937 state" or a crash)
+            torch.set_rng_state(saved.rng["torch"][env.rank].clone())
             if env.device.type == "cuda" and "cuda" in saved.rng:
-                torch.cuda.set_rng_state(saved.rng["cuda"][env.rank], env.device)
+                torch.cuda.set_rng_state(saved.rng["cuda"][env.rank].clone(), env.device)
         else:
             log.warning("resuming with %d processes instead of %d: random streams are re-seeded",
                         env.world, saved.rng["torch"].shape[0])
