@@ -188,6 +188,21 @@ def remove_stale_temp(folder: Path) -> list[Path]:
     return stale
 
 
+def is_locked(run_dir: Path) -> bool:
+    """Whether a process holds `run_lock(run_dir)` now (False without flock support)."""
+    try:
+        f = open(run_dir / LOCK_FILE)
+    except OSError:
+        return False
+    with f:
+        try:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+    return False
+
+
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold `run_dir` for one training run: two runs writing into one --out would overwrite each

@@ -8,6 +8,7 @@ import shutil
 import pytest
 from safetensors import safe_open
 
+from sslcli import runs
 from sslcli.errors import Interrupted, TrainingError
 from sslcli.eval.monitor import KnnMonitor
 from sslcli.runfiles import read_metadata
@@ -73,6 +74,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path, 
     last = run / "checkpoints" / "last.safetensors"
     assert read_metadata(last)["step"] == "3"  # the end of epoch 1, written before the NaN
     assert not any(p.name.startswith(".") for p in last.parent.iterdir())  # no temp files left
+    assert runs.status(run) == "diverged"  # run.log keeps the outcome for `ssl runs`
 
 
 def test_corrupt_image_is_skipped_and_counted(shapes_folder, tiny_config, tmp_path):

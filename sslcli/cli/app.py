@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from sslcli.cli import data, evals, presets
+from sslcli.cli import data, evals, presets, runs
 from sslcli.cli.export import export_command
 from sslcli.cli.neighbors import neighbors_command
 from sslcli.cli.pretrain import pretrain_command
@@ -23,6 +23,7 @@ app.command("neighbors")(neighbors_command)
 app.add_typer(evals.app, name="eval")
 app.add_typer(presets.app, name="presets")
 app.add_typer(data.app, name="data")
+app.add_typer(runs.app, name="runs")
 
 
 def main() -> None:

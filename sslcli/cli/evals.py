@@ -50,9 +50,15 @@ def flatten(metrics: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 
 def render(result: dict, out: Path | None, json_out: bool) -> None:
-    """Table on stdout, or JSON alone on stdout with --json; --out writes the JSON file too."""
+    """Table on stdout, or JSON alone on stdout with --json; --out writes the JSON file too, and
+    weights from a run directory get the report as RUN_DIR/evals/<task>.json (`ssl runs` shows it)."""
+    text = json.dumps(result, indent=2) + "\n"
     if out is not None:
-        runfiles.atomic_write_text(out, json.dumps(result, indent=2) + "\n", what="report")
+        runfiles.atomic_write_text(out, text, what="report")
+    weights = result.get("weights") or {}  # None for evals of feature files
+    run = runfiles.run_dir_of(Path(weights["path"])) if weights.get("path") else None
+    if run is not None and (run / runfiles.CONFIG_FILE).is_file():
+        runfiles.atomic_write_text(run / "evals" / f"{result['task']}.json", text, what="report")
     if json_out:
         emit_json(result)
         return

@@ -25,10 +25,10 @@ import torch
 
 import sslcli
 from sslcli import runfiles
-from sslcli.config import Config, load_config, to_dict, to_yaml
+from sslcli.config import Config, flatten, load_config, to_dict, to_yaml
 from sslcli.data import EpochBatchSampler
 from sslcli.data.datasets import open_dataset
-from sslcli.errors import UsageError
+from sslcli.errors import SSLError, UsageError
 from sslcli.methods import build_method
 from sslcli.train.distributed import DistEnv, barrier, in_torchrun, init_distributed, launch, set_cpu_threads
 from sslcli.train.engine import LoopState
@@ -88,18 +88,8 @@ RESUMABLE_KEYS = ("name", "notes", "source.", "data.path", "data.decode_on", "tr
 
 def config_differences(old: Config, new: Config) -> list[tuple[str, object, object]]:
     """(dotted key, old value, new value) of every leaf that differs, in config order."""
-    a, b = _flatten(to_dict(old)), _flatten(to_dict(new))
+    a, b = flatten(to_dict(old)), flatten(to_dict(new))
     return [(k, a.get(k), b.get(k)) for k in list(a) + [k for k in b if k not in a] if a.get(k) != b.get(k)]
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def check_resume_config(saved: Config, cfg: Config, checkpoint: Path) -> None:
@@ -144,6 +134,10 @@ def train_process(cfg: Config, opts: RunOptions, make_reporter: Callable[[], Rep
     handler = _prepare_run_dir(cfg, opts, env)
     try:
         return _train(cfg, opts, env, reporter, make_monitor)
+    except SSLError as e:  # the outcome stays in the run directory (`ssl runs` reads it); stderr gets it once, from the CLI
+        if handler is not None:
+            handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (e,), None))
+        raise
     finally:
         reporter.close()
         if handler is not None:

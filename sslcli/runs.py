@@ -1,0 +1,112 @@
+"""`ssl runs`: what a set of run directories holds, read from their files alone.
+
+`find_runs(paths)`: a path holding config.yaml is a run; any other folder contributes its direct
+sub-folders that are runs (default `./runs`). `describe(run)` gives one row per run:
+  name, preset (config `name`), method, arch, status, epoch (completed, from the last checkpoint)
+  / epochs, last logged loss, k-NN top-1, wall seconds of the last invocation (summary.json), path.
+Status, from the files only (no process inspection):
+  running      another process holds the run lock (RUN_DIR/.lock, see sslcli.runfiles.run_lock);
+  finished     summary.json is there and covers the last checkpoint's step;
+  diverged     run.log's last ERROR line says the training diverged;
+  interrupted  anything else (killed, Ctrl-C, a failure other than divergence).
+k-NN: the newest of the monitor's final figure (summary.json) and `ssl eval knn` reports saved in
+RUN_DIR/evals/knn.json. `compare(runs)`: the config keys whose values differ between the runs
+(a sweep's axes, found automatically) next to each run's row.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sslcli import runfiles
+from sslcli.config import flatten, to_dict
+from sslcli.errors import CheckpointError, UsageError
+
+COLUMNS = ("name", "method", "arch", "status", "epoch", "epochs", "loss", "knn_top1", "wall_s", "path")
+EVALS_DIR = "evals"
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run directories among `paths` and their direct sub-folders, sorted; UsageError when none."""
+    runs: list[Path] = []
+    for path in paths:
+        if (path / runfiles.CONFIG_FILE).is_file():
+            runs.append(path)
+        elif path.is_dir():
+            runs += sorted(p for p in path.iterdir() if (p / runfiles.CONFIG_FILE).is_file())
+        else:
+            raise UsageError(f"'{path}' is not a folder (give run directories or folders of runs)")
+    if not runs:
+        raise UsageError(f"no run directory (a folder with {runfiles.CONFIG_FILE}) in {', '.join(map(str, paths))}")
+    return runs
+
+
+def status(run: Path) -> str:
+    """running | finished | diverged | interrupted (module doc)."""
+    if runfiles.is_locked(run):
+        return "running"
+    summary = _read_json(run / runfiles.SUMMARY_FILE)
+    if summary is not None and summary.get("steps", -1) >= _checkpoint_header(run)[1]:
+        return "finished"
+    errors = [line for line in _read_lines(run / runfiles.LOG_FILE) if " ERROR " in line]
+    if errors and "training diverged" in errors[-1]:
+        return "diverged"
+    return "interrupted"
+
+
+def describe(run: Path) -> dict[str, Any]:
+    """The row of one run (COLUMNS; None where a figure is missing)."""
+    cfg = runfiles.read_run_config(run)
+    records = runfiles.read_jsonl(run / runfiles.METRICS_FILE)
+    losses = [r for r in records if "loss" in r]
+    summary = _read_json(run / runfiles.SUMMARY_FILE) or {}
+    return {"name": run.name, "preset": cfg.name, "method": cfg.method.name, "arch": cfg.model.arch,
+            "status": status(run), "epoch": max(_checkpoint_header(run)[0], 0),
+            "epochs": cfg.train.epochs, "loss": losses[-1]["loss"] if losses else None,
+            "knn_top1": _knn(run, summary, records), "wall_s": summary.get("wall_seconds"), "path": str(run)}
+
+
+def compare(runs: list[Path]) -> tuple[list[str], list[dict[str, Any]]]:
+    """(the dotted config keys that differ between the runs, one row per run: its describe() row
+    plus its value of each of those keys)."""
+    configs = [flatten(to_dict(runfiles.read_run_config(run))) for run in runs]
+    keys = sorted({k for c in configs for k in c if k not in ("name", "notes") and not k.startswith("source.")})
+    axes = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+    rows = [{**describe(run), **{k: c.get(k) for k in axes}} for run, c in zip(runs, configs)]
+    return axes, rows
+
+
+def _knn(run: Path, summary: dict, records: list[dict]) -> float | None:
+    metrics = (_read_json(run / EVALS_DIR / "knn.json") or {}).get("metrics", {})
+    if isinstance(metrics, dict) and isinstance(metrics.get("top1"), (int, float)):
+        return metrics["top1"]
+    if summary.get("knn_top1_final") is not None:
+        return summary["knn_top1_final"]
+    knn = [r["knn_top1"] for r in records if "knn_top1" in r]
+    return knn[-1] if knn else None
+
+
+def _checkpoint_header(run: Path) -> tuple[int, int]:
+    """(epochs completed, step) of the run's last checkpoint; (-1, -1) without one."""
+    try:
+        header = runfiles.read_checkpoint_header(runfiles.last_checkpoint(run))
+    except CheckpointError:
+        return -1, -1
+    return header.epoch, header.step
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
