@@ -40,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,7 +119,7 @@ class Runner:
     log: list[str] = field(default_factory=list)
 
     def run(self, args: list[str], fault: str = "none", nth: int = 1, kill_after: float | None = None,
-            on_marker: bool = False, watch: Path | None = None, from_step: int = -1, kill: callable = None,
+            on_marker: bool = False, watch: Path | None = None, from_step: int = -1, kill: Callable | None = None,
             timeout: float = 900) -> Outcome:
         cmd = [sys.executable, __file__, "--child", fault, "--nth", str(nth), "--", *args]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

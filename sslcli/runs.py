@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sslcli import runfiles
-from sslcli.config import flatten, to_dict
+from sslcli.config import Config, flatten, to_dict
 from sslcli.errors import CheckpointError, UsageError
 
 COLUMNS = ("name", "method", "arch", "status", "epoch", "epochs", "loss", "knn_top1", "wall_s", "path")
@@ -43,12 +43,14 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return runs
 
 
-def status(run: Path) -> str:
-    """running | finished | diverged | interrupted (module doc)."""
+def status(run: Path, checkpoint_step: int | None = None) -> str:
+    """running | finished | diverged | interrupted (module doc); `checkpoint_step`: the last
+    checkpoint's step when the caller has read it already."""
     if runfiles.is_locked(run):
         return "running"
     summary = _read_json(run / runfiles.SUMMARY_FILE)
-    if summary is not None and summary.get("steps", -1) >= _checkpoint_header(run)[1]:
+    step = _checkpoint_header(run)[1] if checkpoint_step is None else checkpoint_step
+    if summary is not None and summary.get("steps", -1) >= step:
         return "finished"
     errors = [line for line in _read_lines(run / runfiles.LOG_FILE) if " ERROR " in line]
     if errors and "training diverged" in errors[-1]:
@@ -56,14 +58,15 @@ def status(run: Path) -> str:
     return "interrupted"
 
 
-def describe(run: Path) -> dict[str, Any]:
-    """The row of one run (COLUMNS; None where a figure is missing)."""
-    cfg = runfiles.read_run_config(run)
+def describe(run: Path, cfg: Config | None = None) -> dict[str, Any]:
+    """The row of one run (COLUMNS; None where a figure is missing); `cfg`: its config if read."""
+    cfg = cfg or runfiles.read_run_config(run)
     records = runfiles.read_jsonl(run / runfiles.METRICS_FILE)
     losses = [r for r in records if "loss" in r]
     summary = _read_json(run / runfiles.SUMMARY_FILE) or {}
+    epoch, step = _checkpoint_header(run)
     return {"name": run.name, "preset": cfg.name, "method": cfg.method.name, "arch": cfg.model.arch,
-            "status": status(run), "epoch": max(_checkpoint_header(run)[0], 0),
+            "status": status(run, step), "epoch": max(epoch, 0),
             "epochs": cfg.train.epochs, "loss": losses[-1]["loss"] if losses else None,
             "knn_top1": _knn(run, summary, records), "wall_s": summary.get("wall_seconds"), "path": str(run)}
 
@@ -71,10 +74,11 @@ def describe(run: Path) -> dict[str, Any]:
 def compare(runs: list[Path]) -> tuple[list[str], list[dict[str, Any]]]:
     """(the dotted config keys that differ between the runs, one row per run: its describe() row
     plus its value of each of those keys)."""
-    configs = [flatten(to_dict(runfiles.read_run_config(run))) for run in runs]
+    typed = [runfiles.read_run_config(run) for run in runs]
+    configs = [flatten(to_dict(cfg)) for cfg in typed]
     keys = sorted({k for c in configs for k in c if k not in ("name", "notes") and not k.startswith("source.")})
     axes = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
-    rows = [{**describe(run), **{k: c.get(k) for k in axes}} for run, c in zip(runs, configs)]
+    rows = [{**describe(run, cfg), **{k: c.get(k) for k in axes}} for run, cfg, c in zip(runs, typed, configs)]
     return axes, rows
 
 

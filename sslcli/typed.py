@@ -150,7 +150,7 @@ MAX_YAML_DEPTH = 64  # nesting levels after alias expansion (the loaders and the
 
 
 class _Refused(Exception):
-    pass
+    """A YAML document over the size or depth limits (load_yaml turns it into a ConfigError)."""
 
 
 class _GuardedLoader(yaml.SafeLoader):

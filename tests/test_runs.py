@@ -9,7 +9,6 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from conftest import TINY
 from run_checks import InterruptAt
 from sslcli import runfiles, runs
 from sslcli.cli.app import app
