@@ -330,12 +330,13 @@ class CheckpointHeader:
     time: str
     backbone_prefix: str  # under model/, e.g. "teacher.backbone.model."
     student_backbone_prefix: str
+    steps_per_epoch: int = 0  # 0: unknown (checkpoints written before 0.2)
     version: int = FORMAT_VERSION
 
     def to_metadata(self) -> dict[str, str]:
         return {"format": TRAIN_FORMAT, "format_version": str(self.version), "config": self.config_yaml,
                 "arch": self.arch, "epoch": str(self.epoch), "step": str(self.step), "time": self.time, "backbone_prefix": self.backbone_prefix,
-                "student_backbone_prefix": self.student_backbone_prefix}
+                "student_backbone_prefix": self.student_backbone_prefix, "steps_per_epoch": str(self.steps_per_epoch)}
 
     @property
     def config(self) -> Config:
@@ -369,4 +370,4 @@ def read_checkpoint_header(path: Path) -> CheckpointHeader:
         prefixes = _LEGACY_PREFIXES.get(method, _LEGACY_DEFAULT)
     return CheckpointHeader(meta["config"], meta.get("arch", ""), int(meta.get("epoch", 0)),
                             int(meta.get("step", 0)), meta.get("time", ""),
-                            prefixes[0], prefixes[1], version)
+                            prefixes[0], prefixes[1], int(meta.get("steps_per_epoch", 0)), version)

@@ -1,4 +1,4 @@
-"""`ssl runs list|compare`."""
+"""`ssl runs list|compare|plot`."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from sslcli import runs
-from sslcli.cli.common import emit_json, exits_on_errors, stdout
+from sslcli import plots, runs
+from sslcli.cli.common import emit_json, exits_on_errors, stderr, stdout
 from sslcli.errors import UsageError, hint
 
-app = typer.Typer(help="List and compare run directories (status, figures, the settings a sweep varied).",
+app = typer.Typer(help="List, compare and plot run directories (status, figures, the settings a sweep varied).",
                   no_args_is_help=True)
 
 
@@ -53,6 +54,27 @@ def compare_runs(
     render(rows, ["name", *axes, "status", "epoch", "loss", "knn_top1"], json_out, csv_out, markdown)
 
 
+@app.command("plot")
+@exits_on_errors
+def plot_runs(
+    dirs: list[Path] = typer.Argument(..., help="Run directories or folders of runs."),
+    metric: str = typer.Option("loss,knn_top1", "--metric", help="Comma-separated metrics.jsonl fields, one panel each."),
+    out: Path = typer.Option(Path("curves.png"), "--out", help="The PNG to write."),
+    title: str = typer.Option("", "--title", help="A title above the panels."),
+) -> None:
+    """Training curves of several runs in one PNG: a panel per metric, a line per run, labelled by
+    the settings that differ between the runs. Needs the extra: pip install 'sslcli[plot]'.
+
+    Example (AdaSim's Figure 3): ssl runs plot runs/tau-* --metric bootstrap_ratio,nn_acc,nn2_acc --out fig3.png
+    """
+    metrics = [m.strip() for m in metric.split(",") if m.strip()]
+    if not metrics:
+        raise UsageError("--metric names no metric (e.g. --metric loss,knn_top1)")
+    curves = runs.curves(runs.find_runs(dirs), metrics)
+    plots.plot_curves(curves, metrics, out, title)
+    stderr.print(escape(f"wrote {out} ({len(metrics)} panels, {len({c.run for c in curves.curves})} runs, x in {curves.x_unit}s)"))
+
+
 def render(rows: list[dict[str, Any]], columns: list[str], json_out: bool, csv_out: bool, markdown: bool) -> None:
     if json_out:
         emit_json(rows)
@@ -69,8 +91,10 @@ def render(rows: list[dict[str, Any]], columns: list[str], json_out: bool, csv_o
     else:  # the terminal table leaves the path out (JSON and CSV have it)
         columns = [c for c in columns if c != "path"]
         table = Table()
-        for column in columns:
-            table.add_column(column, justify="right" if column in ("epoch", "epochs", "loss", "knn_top1", "wall_s") else "left")
+        for column in columns:  # names and statuses stay whole in a narrow terminal; the others may shrink
+            whole = max((len(cell(r.get(column))) for r in rows), default=0) if column in ("name", "status") else None
+            table.add_column(column, justify="right" if column in ("epoch", "epochs", "loss", "knn_top1", "wall_s") else "left",
+                             min_width=min(whole, 40) if whole else None, no_wrap=whole is not None)
         for r in rows:
             table.add_row(*(cell(r.get(c)) for c in columns))
         stdout.print(table)

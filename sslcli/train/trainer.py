@@ -279,7 +279,7 @@ class Trainer:
         return runfiles.CheckpointHeader(
             to_yaml(self.cfg), self.cfg.model.arch, self.state.step // self.state.steps_per_epoch, self.state.step,
             time.strftime("%Y-%m-%dT%H:%M:%S"), m.backbone_prefix(m.evaluated_backbone),
-            m.backbone_prefix(m.student_backbone))
+            m.backbone_prefix(m.student_backbone), self.state.steps_per_epoch)
 
     def restore(self, path: Path) -> None:
         saved, header = ckpt.load_training_state(path)
