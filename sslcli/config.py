@@ -59,6 +59,9 @@ class ModelConfig:
     # ViT cls_token / pos_embed init: `dino` trunc-normal std 0.02 (DINO); `timm` keeps timm's
     # (cls_token std 1e-6).
     vit_token_init: Literal["dino", "timm"] = "dino"
+    # Start both backbones from these weights (a run directory, a training checkpoint, an export or
+    # a timm state dict in safetensors; sslcli.models.pretrained); heads start fresh. "" = random.
+    init_from: str = ""
 
 
 @dataclass
@@ -130,8 +133,12 @@ class OptimConfig:
     clip_mode: Literal["per_param", "global"] = "per_param"
     layer_decay: float = 1.0  # layer-wise lr decay: lr x layer_decay^(L + 1 - layer id); 1 = off
     patch_embed_lr_mult: float = 1.0  # extra lr multiplier of the patch embedding (DINOv2: 0.2)
+    backbone_lr_scale: float = 1.0  # lr multiplier of the student backbone's timm weights (heads: 1)
     schedule_unit: Literal["step", "epoch"] = "step"  # lr / wd cosine per iteration (DINO) or per epoch (SimSiam)
     decay_norm_and_bias: bool = False  # weight decay on biases and 1-D params too (SimSiam)
+
+
+HEAD_WARMUP_EPOCHS = 1  # default train.freeze_backbone_epochs of model.init_from runs (README: measured)
 
 
 @dataclass
@@ -145,6 +152,17 @@ class TrainConfig:
     workers: int = 10  # data-loader workers per process
     checkpoint_every: int = 10  # epochs between kept checkpoints (last.safetensors every epoch)
     log_every: int = 10  # steps between metrics.jsonl lines (the only host syncs)
+    # Head warm-up: the student backbone's timm weights get no update in the first N epochs (their
+    # gradients are dropped, as DINO's freeze_last_layer does). None: frozen_backbone_epochs().
+    freeze_backbone_epochs: int | None = None
+
+    def frozen_backbone_epochs(self, init_from: str) -> int:
+        """freeze_backbone_epochs, or by default HEAD_WARMUP_EPOCHS for a run started from weights
+        (model.init_from: random heads must not train the backbone; measured in
+        benchmarks/init_from.py) and 0 for a run from scratch; never the whole run."""
+        if self.freeze_backbone_epochs is not None:
+            return self.freeze_backbone_epochs
+        return min(HEAD_WARMUP_EPOCHS, self.epochs - 1) if init_from else 0
 
 
 @dataclass
@@ -324,8 +342,9 @@ def validate(cfg: Config) -> None:
             "color_jitter_prob grayscale_prob blur_probs solarize_prob": UNIT})
         + field_checks(o, "optim.", {
             "batch_size layer_decay": POSITIVE, "momentum": UNIT, "betas": (lambda v: 0 <= v < 1, "in [0, 1)"),
-            "lr min_lr warmup_epochs weight_decay weight_decay_end clip_grad patch_embed_lr_mult": NON_NEGATIVE})
-        + field_checks(t, "train.", {"log_every checkpoint_every": POSITIVE, "workers": NON_NEGATIVE,
+            "lr min_lr warmup_epochs weight_decay weight_decay_end clip_grad patch_embed_lr_mult backbone_lr_scale":
+                NON_NEGATIVE})
+        + field_checks(t, "train.", {"log_every checkpoint_every": POSITIVE, "workers freeze_backbone_epochs": NON_NEGATIVE,
                                      "epochs": (lambda v: 0 < v <= MAX_EPOCHS, f"in 1..{MAX_EPOCHS}"),
                                      "seed": (lambda v: 0 <= v < 2**63, "in 0..2**63 - 1")})
         + field_checks(cfg.monitor, "monitor.", {"knn_every": NON_NEGATIVE, "knn_k": AT_LEAST_1,
@@ -343,6 +362,8 @@ def validate(cfg: Config) -> None:
             f"data.mask_ratio must be [low, high] with 0 <= low <= high < 1, got {list(d.mask_ratio)}"),
            (cfg.bootstrap.top_k >= 2,
             f"bootstrap.top_k must be >= 2 (self and at least one neighbour), got {cfg.bootstrap.top_k}"),
+           ((t.freeze_backbone_epochs or 0) <= t.epochs,
+            f"train.freeze_backbone_epochs must not exceed train.epochs ({t.epochs}), got {t.freeze_backbone_epochs}"),
            (d.decode_on == "worker" or d.augment_on == "device",
             "data.decode_on: device needs data.augment_on: device (the device crops feed the device augmentation)")]
         + cfg.method.checks() + _method_checks(cfg))

@@ -68,6 +68,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 LOG_FILE = "run.log"
 LOCK_FILE = ".lock"
+INIT_FILE = "init_from.json"  # model.init_from runs: the weights' path, kind and sha256
 TMP_SUFFIX = ".tmp"
 PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a bare pickle (protocol >= 2)
 
@@ -92,6 +93,15 @@ def resolve_weights_file(weights: str | Path) -> Path:
         raise CheckpointError(f"weights not found: '{weights}' (a run directory, a training checkpoint "
                               "or an exported .safetensors file)")
     return path
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object file; None when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -51,7 +51,7 @@ def status(run: Path, checkpoint_step: int | None = None) -> str:
     checkpoint's step when the caller has read it already."""
     if runfiles.is_locked(run):
         return "running"
-    summary = _read_json(run / runfiles.SUMMARY_FILE)
+    summary = runfiles.read_json(run / runfiles.SUMMARY_FILE)
     step = _checkpoint_header(run)[1] if checkpoint_step is None else checkpoint_step
     if summary is not None and summary.get("steps", -1) >= step:
         return "finished"
@@ -66,7 +66,7 @@ def describe(run: Path, cfg: Config | None = None) -> dict[str, Any]:
     cfg = cfg or runfiles.read_run_config(run)
     records = runfiles.read_jsonl(run / runfiles.METRICS_FILE)
     losses = [r for r in records if "loss" in r]
-    summary = _read_json(run / runfiles.SUMMARY_FILE) or {}
+    summary = runfiles.read_json(run / runfiles.SUMMARY_FILE) or {}
     epoch, step = _checkpoint_header(run)
     return {"name": run.name, "preset": cfg.name, "method": cfg.method.name + ("" if cfg.bootstrap.name == "none" else f"+{cfg.bootstrap.name}"), "arch": cfg.model.arch,
             "status": status(run, step), "epoch": max(epoch, 0),
@@ -156,7 +156,7 @@ def _steps_per_epoch(run: Path, records: list[dict]) -> int:
 
 
 def _knn(run: Path, summary: dict, records: list[dict]) -> float | None:
-    metrics = (_read_json(run / EVALS_DIR / "knn.json") or {}).get("metrics", {})
+    metrics = (runfiles.read_json(run / EVALS_DIR / "knn.json") or {}).get("metrics", {})
     if isinstance(metrics, dict) and isinstance(metrics.get("top1"), (int, float)):
         return metrics["top1"]
     if summary.get("knn_top1_final") is not None:
@@ -172,14 +172,6 @@ def _checkpoint_header(run: Path) -> tuple[int, int]:
     except CheckpointError:
         return -1, -1
     return header.epoch, header.step
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _read_lines(path: Path) -> list[str]:

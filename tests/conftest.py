@@ -67,3 +67,16 @@ def tiny_run(shapes_folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "tiny"
     pretrain(cfg, RunOptions(out=out, device="cpu"))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run's teacher, exported by `ssl export` as a timm safetensors file."""
+    from typer.testing import CliRunner
+
+    from sslcli.cli.app import app
+
+    out = tmp_path_factory.mktemp("export") / "tiny.safetensors"
+    result = CliRunner().invoke(app, ["export", "--weights", str(tiny_run), "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    return out

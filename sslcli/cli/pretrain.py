@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -28,6 +29,9 @@ def pretrain_command(
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last.safetensors (with the "
                                 "run's own config unless --preset/--config is given; --set may change the "
                                 "number of epochs and how the run executes)."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start both backbones from these weights: "
+                                             "an `ssl export`, a timm state dict (.safetensors), a checkpoint or a "
+                                             "run directory; heads start fresh (model.init_from)."),
     gpus: int = typer.Option(0, "--gpus", help="Start N processes, one per local GPU (NCCL)."),
     procs: int = typer.Option(0, "--procs", help="Start N CPU processes (gloo), e.g. to test DDP."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
@@ -49,6 +53,8 @@ def pretrain_command(
       ssl pretrain --out runs/dino-s16 --resume --set train.epochs=300
 
       ssl pretrain --preset dino-vits16 --set optim.lr=1e-3 --dry-run
+
+      ssl pretrain --preset dino-vits16 --data /data/mine --init-from vits16.safetensors --set train.freeze_backbone_epochs=2
     """
     if not preset and not config and not resume:
         raise UsageError("give --preset NAME (see: ssl presets list) or --config FILE")
@@ -58,6 +64,10 @@ def pretrain_command(
         raise UsageError(f"--device must be auto, cpu or cuda, got '{device}'")
     setup_logging(quiet or json_out)
     extra = [f"data.path={data}"] if data else []
+    if init_from is not None:
+        if resume:
+            raise UsageError("--init-from starts a new run; --resume continues from the run's own checkpoint")
+        extra.append(f"model.init_from={json.dumps(str(init_from))}")  # quoted: any path is a YAML string
     if resume and out is None:
         raise UsageError("--resume needs --out RUN_DIR")
     if resume and not preset and not config:  # the run's own config, with the overrides allowed on resume

@@ -58,12 +58,18 @@ def layer_ids(student: nn.Module) -> tuple[dict[str, int], int]:
 
 def lr_multipliers(student: nn.Module, cfg: OptimConfig) -> dict[str, float]:
     """Parameter name -> lr multiplier: layer_decay^(L + 1 - layer id), x patch_embed_lr_mult for
-    the patch embedding. Empty when both are 1 (every multiplier 1)."""
-    if cfg.layer_decay == 1.0 and cfg.patch_embed_lr_mult == 1.0:
-        return {}
-    ids, num_layers = layer_ids(student)
-    return {name: cfg.layer_decay ** (num_layers + 1 - i) * (cfg.patch_embed_lr_mult if ".patch_embed." in name else 1.0)
-            for name, i in ids.items()}
+    the patch embedding, x backbone_lr_scale for the backbone's timm weights (not its mask token,
+    which starts fresh like the heads). Empty when all three are 1 (every multiplier 1)."""
+    mults: dict[str, float] = {}
+    if cfg.layer_decay != 1.0 or cfg.patch_embed_lr_mult != 1.0:
+        ids, num_layers = layer_ids(student)
+        mults = {name: cfg.layer_decay ** (num_layers + 1 - i) * (cfg.patch_embed_lr_mult if ".patch_embed." in name else 1.0)
+                 for name, i in ids.items()}
+    if cfg.backbone_lr_scale != 1.0:
+        for name, _ in student.named_parameters():
+            if name.startswith("backbone.model."):
+                mults[name] = mults.get(name, 1.0) * cfg.backbone_lr_scale
+    return mults
 
 
 def param_groups(model: nn.Module, decay_norm_and_bias: bool = False, constant_lr: Iterable[nn.Parameter] = (),

@@ -30,6 +30,7 @@ from sslcli.data import EpochBatchSampler
 from sslcli.data.datasets import open_dataset
 from sslcli.errors import SSLError, UsageError
 from sslcli.methods import build_method
+from sslcli.models.pretrained import fit_init_weights, read_init_weights
 from sslcli.train.distributed import DistEnv, barrier, in_torchrun, init_distributed, launch, set_cpu_threads
 from sslcli.train.engine import LoopState
 from sslcli.train.reporting import NullReporter, Reporter
@@ -123,7 +124,9 @@ def check_run(cfg: Config, world: int = 1) -> None:
     dataset = open_dataset(cfg.data.path)
     steps_per_epoch = EpochBatchSampler.check_sizes(len(dataset), cfg.optim.batch_size, world)
     with torch.device("meta"):
-        build_method(cfg.model, cfg.method, cfg.train.epochs, steps_per_epoch)
+        method = build_method(cfg.model, cfg.method, cfg.train.epochs, steps_per_epoch)
+    if cfg.model.init_from:  # keys and shapes checked against the meta backbone
+        fit_init_weights(method.student_backbone, read_init_weights(cfg.model.init_from))
 
 
 def train_process(cfg: Config, opts: RunOptions, make_reporter: Callable[[], Reporter],
@@ -167,10 +170,17 @@ def _train(cfg: Config, opts: RunOptions, env: DistEnv, reporter: Reporter,
     trainer = Trainer(cfg, opts.out, env, dataset, reporter, make_monitor)
     if opts.resume:
         trainer.restore(runfiles.last_checkpoint(opts.out))
+    elif cfg.model.init_from:
+        init = trainer.init_backbones(cfg.model.init_from)
+        if env.is_main:  # kept for the summaries of later invocations (--resume does not read the file again)
+            runfiles.atomic_write_text(opts.out / runfiles.INIT_FILE, json.dumps(init, indent=2) + "\n", what="init record")
     knn = _read_knn_history(opts.out) if opts.resume else {}
     trainer.fit(opts.resume, knn)
     summary = _summary(cfg, env, trainer.state, knn, time.time() - started, len(dataset))
     summary["health_warnings"] = sorted(trainer.warned)  # collapse signals the method named (this invocation)
+    init = runfiles.read_json(opts.out / runfiles.INIT_FILE) if cfg.model.init_from else None
+    if init is not None:
+        summary["init_from"] = init
     if env.is_main:
         runfiles.atomic_write_text(opts.out / runfiles.SUMMARY_FILE, json.dumps(summary, indent=2) + "\n", what="summary")
     return summary

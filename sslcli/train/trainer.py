@@ -37,6 +37,7 @@ from sslcli.device import autocast
 from sslcli.errors import Interrupted, TrainingError, UsageError
 from sslcli.methods import Method, StepContext, StepOutput, build_method
 from sslcli.models import Backbone
+from sslcli.models.pretrained import InitWeights, load_init_weights, read_init_weights
 from sslcli.train import checkpoint as ckpt
 from sslcli.train.distributed import DistEnv, all_gather_rows, any_rank, barrier
 from sslcli.train.engine import DivergenceGuard, LoopState, Schedules, StopRequest, reset_interval, timed
@@ -56,18 +57,34 @@ MonitorFactory = Callable[[MonitorConfig, DataConfig, str, torch.device], Monito
 
 
 def train_step(method: Method, optimizer: torch.optim.Optimizer, batch: Batch, ctx: StepContext, lr: float,
-               wd: float, optim: OptimConfig, precision: str) -> StepOutput:
-    """loss -> backward -> cancel frozen gradients -> clip -> optimizer step -> after_step."""
+               wd: float, optim: OptimConfig, precision: str, freeze_backbone: bool = False) -> StepOutput:
+    """loss -> backward -> cancel frozen gradients -> clip -> optimizer step -> after_step.
+
+    freeze_backbone: drop the student backbone's timm-weight gradients (train.freeze_backbone_epochs):
+    the optimizer skips parameters without a gradient, so they and their optimizer state stay as
+    they are; the teacher's EMA of an unchanged student leaves the teacher's backbone unchanged too.
+    """
     set_lr_wd(optimizer, lr, wd)
     with autocast(batch.ids.device, precision):
         out = method.loss(batch, ctx)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     method.cancel_gradients(ctx)
+    if freeze_backbone:
+        method.student_backbone.model.zero_grad(set_to_none=True)
     clip_gradients(method.student, optim.clip_grad, optim.clip_mode)
     optimizer.step()
     method.after_step(ctx, out)
     return out
+
+
+def init_backbones(method: Method, init: InitWeights) -> list[str]:
+    """The student's and the evaluated backbone (the teacher, or the one network of SimSiam) start
+    from `init`'s weights; heads and method state stay as built. Returns the adaptations made."""
+    notes: list[str] = []
+    for backbone in {id(b): b for b in (method.student_backbone, method.evaluated_backbone)}.values():
+        notes = load_init_weights(backbone, init)
+    return notes
 
 
 @contextlib.contextmanager
@@ -107,6 +124,7 @@ class Trainer:
                                          self.method.constant_lr_parameters())
         self.sched = Schedules.build(cfg.optim, cfg.train.epochs, spe)
         self.state = LoopState(steps_per_epoch=spe)
+        self.frozen_epochs = cfg.train.frozen_backbone_epochs(cfg.model.init_from)  # head warm-up
         self.guard = DivergenceGuard(env.device)
         self.stop = StopRequest()
         self.warned: set[str] = set()
@@ -187,7 +205,7 @@ class Trainer:
         """One optimizer step on one batch, bootstrap and loop bookkeeping; no host syncs."""
         state = self.state
         out = train_step(self.method, self.optimizer, batch, ctx, self.sched.lr[ctx.step], self.sched.wd[ctx.step],
-                         self.cfg.optim, self.cfg.train.precision)
+                         self.cfg.optim, self.cfg.train.precision, ctx.epoch < self.frozen_epochs)
         if self.bootstrap is not None:  # query-before-insert of this batch's anchors into the cache
             self.bootstrap.observe(batch.ids, out.anchor)
         self.guard.observe(ctx.step, out)
@@ -280,6 +298,14 @@ class Trainer:
             to_yaml(self.cfg), self.cfg.model.arch, self.state.step // self.state.steps_per_epoch, self.state.step,
             time.strftime("%Y-%m-%dT%H:%M:%S"), m.backbone_prefix(m.evaluated_backbone),
             m.backbone_prefix(m.student_backbone), self.state.steps_per_epoch)
+
+    def init_backbones(self, source: str) -> dict[str, str]:
+        """model.init_from (every rank reads the file); returns its description for the summary."""
+        init = read_init_weights(source)
+        notes = init_backbones(self.method, init)
+        log.info("backbones initialised from %s (%s, sha256 %s)%s", init.path, init.kind, init.sha256[:12],
+                 "".join(f"; {n}" for n in notes))
+        return init.describe()
 
     def restore(self, path: Path) -> None:
         saved, header = ckpt.load_training_state(path)
