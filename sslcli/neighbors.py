@@ -1,4 +1,7 @@
-"""The AdaSim neighbour audit behind `ssl neighbors` (docs/methods.md, "Neighbour bootstrapping").
+"""`ssl neighbors`: the AdaSim window audit of a run, and the dispatch to the feature graph.
+
+Two sources of neighbours: the window an AdaSim run kept during training (below), or the top-k
+graph of any backbone's features on any folder (`sslcli.feature_audit`); `run_audit` picks one.
 
 A training checkpoint of a run with bootstrapping holds the window of the last w epochs' top-K
 neighbour lists (`extra/bootstrap.window_ids` int32 [w, N, K], -1 = absent, oldest slot first;
@@ -7,14 +10,15 @@ image i its AdaSim candidates and p_win(j | i) are computed exactly as training 
 (`window_candidates` with the run's top_k, then `window_probabilities` with the run's tau; tau 0
 gives a one-hot on the top candidate). Image ids are positions in the training dataset (ImageFolder
 order), so they name files: the run's `data.path` (or `data`, when the dataset moved) is opened to
-print class ids, class names and paths.
+print class ids, class names and paths. A query also shows each candidate's m_win and AdaSim's
+decision for the image (bootstrap from a sampled neighbour, or the standard pair).
 
 The window is read lazily with `safetensors.safe_open`: one query reads only its [w, K] slice (an
 ImageNet-sized window, w=50, N=1.28M, K=10, is 5 GB on disk), a scan reads blocks of rows.
 
 Entry points: `query_neighbors` (one image), `scan_neighbors` (every image whose top candidate is
 not itself, AdaSim Table A3, or is of another class, Table A4), `write_result` (--out csv|json),
-`contact_sheet` (a PNG like the paper's Figures 1 / A2 / A3), `run_audit` (what the CLI calls).
+`run_audit` (what the CLI calls).
 """
 
 from __future__ import annotations
@@ -26,11 +30,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps
 from safetensors import safe_open
 from torch import Tensor
 
@@ -47,7 +49,7 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[str, int | None], Callable[[int], None]]  # as in sslcli.eval.tasks
 
 IDS, SIMS, EPOCHS = "extra/bootstrap.window_ids", "extra/bootstrap.window_sims", "extra/bootstrap.epochs_done"
-SCANS = ("not-self", "other-class")
+SCANS = ("not-self", "other-class")  # on the AdaSim window
 OUT_SUFFIXES = (".csv", ".json")
 SCAN_FIELDS = ("query", "query_class", "query_class_name", "neighbor", "neighbor_class", "neighbor_class_name",
                "p_win", "query_path", "neighbor_path")
@@ -85,12 +87,12 @@ class BootstrapWindow:
             ids, sims = f.get_slice(IDS)[:, lo:hi], f.get_slice(SIMS)[:, lo:hi]
         return ids.permute(1, 0, 2).long(), sims.permute(1, 0, 2).float()
 
-    def candidates(self, ids: Tensor, sims: Tensor) -> tuple[Tensor, Tensor]:
-        """(cand int64 [R, k], p_win [R, k]) of windows [R, w, K], with the run's top_k and tau
-        (computed on the GPU when there is one: an ImageNet scan is then I/O-bound)."""
+    def candidates(self, ids: Tensor, sims: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(cand int64 [R, k], p_win [R, k], m_win [R, k]) of windows [R, w, K], with the run's
+        top_k and tau (on the GPU when there is one: an ImageNet scan is then I/O-bound)."""
         device = pick_device("auto")
         cand, m_win = window_candidates(ids.to(device), sims.to(device), self.cfg.bootstrap.top_k)
-        return cand.cpu(), window_probabilities(m_win, self.cfg.bootstrap.tau).cpu()
+        return cand.cpu(), window_probabilities(m_win, self.cfg.bootstrap.tau).cpu(), m_win.cpu()
 
 
 def open_window(weights: str | Path | None) -> BootstrapWindow:
@@ -153,21 +155,28 @@ def check_query(window: BootstrapWindow, query: int, top: int | None = None) -> 
 def neighbors_of(window: BootstrapWindow, ds: ImageDataset, query: int, top: int | None = None) -> dict:
     """`query_neighbors` on an opened window and dataset."""
     check_query(window, query, top)
-    cand, p_win = window.candidates(*(t[None] for t in window.query(query)))
+    cand, p_win, m_win = window.candidates(*(t[None] for t in window.query(query)))
     keep = cand[0] >= 0
-    cand, p_win = cand[0][keep], p_win[0][keep]
+    cand, p_win, m_win = cand[0][keep], p_win[0][keep], m_win[0][keep]
     order = torch.sort(-p_win, stable=True).indices[:top]  # already by m_win; stable keeps ties' order
     q_label = int(ds.labels[query])
     rows = []
-    for j, p in zip(cand[order].tolist(), p_win[order].tolist()):
+    for j, p, m in zip(cand[order].tolist(), p_win[order].tolist(), m_win[order].tolist()):
         label = int(ds.labels[j])
-        rows.append({"id": j, "class_id": label, "class_name": _class_name(ds, label), "p_win": p,
+        rows.append({"id": j, "class_id": label, "class_name": _class_name(ds, label), "p_win": p, "m_win": m,
                      "path": image_path(ds, j), "is_query": j == query,
                      "other_class": q_label >= 0 and label >= 0 and label != q_label})
+    # AdaSim's rule (sslcli.bootstrap.rules.plan_adasim): once the window is full and tau > 0, the
+    # second view comes from a neighbour sampled from p_win only when the window ranks the image
+    # itself first (a trusted neighbourhood); otherwise the image keeps the standard pair.
+    b = window.cfg.bootstrap
+    bootstraps = (b.name == "adasim" and b.tau > 0 and window.epochs_done >= window.w and bool(len(cand))
+                  and int(cand[0]) == query)
     return {"query": {"id": query, "class_id": q_label, "class_name": _class_name(ds, q_label),
                       "path": image_path(ds, query)},
             "neighbors": rows, "weights": str(window.path), "tau": float(window.cfg.bootstrap.tau),
-            "window": window.w, "epochs_done": window.epochs_done}
+            "window": window.w, "epochs_done": window.epochs_done,
+            "decision": "bootstrap" if bootstraps else "standard pair" if b.name == "adasim" else None}
 
 
 def query_neighbors(weights: str | Path | None, query: int, top: int | None = None,
@@ -203,7 +212,7 @@ def scan_window(window: BootstrapWindow, ds: ImageDataset, kind: str, limit: int
     found_q, found_j, found_p = [], [], []
     for lo in range(0, window.n, step):
         hi = min(lo + step, window.n)
-        cand, p_win = window.candidates(*window.rows(lo, hi))
+        cand, p_win, _ = window.candidates(*window.rows(lo, hi))
         anchors, top, p_top = torch.arange(lo, hi), cand[:, 0], p_win[:, 0]  # column 0 = argmax p_win
         hit = top >= 0  # images without any candidate are never listed
         if kind == "not-self":
@@ -261,101 +270,10 @@ def write_result(result: dict | list[dict], out: Path) -> Path:
         rows: list[dict] = [{"rank": r, **n} for r, n in enumerate(result["neighbors"], 1)]
     else:
         fields, rows = SCAN_FIELDS, result
+    fields = list(rows[0]) if rows else fields  # the rows' own keys (m_win; the feature graph's fields)
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
     runfiles.atomic_write_text(out, text.getvalue(), what="result")
     return out
-
-
-# ----------------------------------------------------------------------------- contact sheet
-
-PAD, SEP, TEXT, BAR, FRAME = 4, 8, 16, 6, 3
-QUERY_COLOUR, OTHER_COLOUR, BAR_COLOUR = (40, 110, 230), (220, 30, 30), (30, 200, 60)
-
-
-def contact_sheet(result: dict, images: ImageDataset | Callable[[int], Image.Image], path: Path,
-                  cell: int = 128) -> Path:
-    """A PNG of the query, then its neighbours in one row (AdaSim Figures 1 / A2 / A3).
-
-    Size, for k = len(result["neighbors"]) and the default cell = 128:
-        width  = (1 + k) * (cell + PAD) + PAD + SEP     (PAD = 4, SEP = 8: the gap after the query)
-        height = cell + TEXT + 2 * PAD                  (TEXT = 16: one text line under each image)
-    i.e. 132 * (1 + k) + 12 by 152 pixels. Each image is centre-cropped to a cell x cell thumbnail;
-    a green bar at a neighbour's bottom-left is p_win * cell wide (BAR = 6 px high); the text line
-    is "id / class id". The query has a blue frame and a "query" tag (the neighbour that is the
-    query itself has the blue frame too); neighbours of another class have a red frame and red text.
-    `images` is an ImageDataset or a function id -> PIL image; unreadable images are drawn grey.
-    """
-    load = images.load if isinstance(images, ImageDataset) else images
-    cells = [(result["query"], None)] + [(n, n) for n in result["neighbors"]]
-    sheet = Image.new("RGB", (len(cells) * (cell + PAD) + PAD + SEP, cell + TEXT + 2 * PAD), "white")
-    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
-    for c, (item, neighbour) in enumerate(cells):
-        x = PAD + c * (cell + PAD) + (SEP if c > 0 else 0)
-        try:
-            thumb = ImageOps.fit(load(item["id"]).convert("RGB"), (cell, cell))
-        except (OSError, ValueError) as e:
-            logger.warning("cannot read image %d for the contact sheet: %s", item["id"], e)
-            thumb = Image.new("RGB", (cell, cell), (128, 128, 128))
-        sheet.paste(thumb, (x, PAD))
-        colour = None
-        if neighbour is None or neighbour["is_query"]:
-            colour = QUERY_COLOUR
-        elif neighbour["other_class"]:
-            colour = OTHER_COLOUR
-        if colour is not None:
-            draw.rectangle([x, PAD, x + cell - 1, PAD + cell - 1], outline=colour, width=FRAME)
-        if neighbour is None:
-            draw.rectangle([x, PAD, x + 40, PAD + 13], fill=QUERY_COLOUR)
-            draw.text((x + 3, PAD + 1), "query", fill="white", font=font)
-        else:
-            width = int(round(neighbour["p_win"] * cell))
-            if width > 0:
-                draw.rectangle([x, PAD + cell - BAR, x + width - 1, PAD + cell - 1], fill=BAR_COLOUR)
-        text_colour = OTHER_COLOUR if neighbour is not None and neighbour["other_class"] else (0, 0, 0)
-        draw.text((x, PAD + cell + 2), f"{item['id']} / {item['class_id']}", fill=text_colour, font=font)
-    path = Path(path)
-    runfiles.write_atomically(path, lambda tmp: sheet.save(tmp, format="PNG"), what="contact sheet")
-    return path
-
-
-# ----------------------------------------------------------------------------- the CLI's one call
-
-class Audit(NamedTuple):
-    result: dict | list[dict]  # query_neighbors' dict or scan_neighbors' rows
-    matched: int | None  # scans: images that match (before --limit)
-
-
-def run_audit(weights: str | Path | None = None, query: int | None = None, scan: str | None = None,
-              top: int | None = None, limit: int | None = None, data: str | Path | None = None,
-              out: Path | None = None, image: Path | None = None, progress: Progress | None = None) -> Audit:
-    """`ssl neighbors`: exactly one of `query` / `scan`; writes `out` (csv|json) and `image` (PNG,
-    queries only) when given. Every flag is checked before the window is read."""
-    if (query is None) == (scan is None):
-        raise UsageError("give exactly one of --query ID (one image) or --scan not-self|other-class (all images)")
-    if query is not None and limit is not None:
-        raise UsageError("--limit applies to --scan; use --top K with --query")
-    if scan is not None:
-        if top is not None:
-            raise UsageError("--top applies to --query; use --limit N with --scan")
-        if image is not None:
-            raise UsageError("--image draws the neighbours of one --query image")
-        check_scan(scan, limit)
-    if out is not None:
-        check_out(out)
-    window = open_window(weights)
-    if query is not None:
-        check_query(window, query, top)
-    ds = open_images(window, data)
-    if query is not None:
-        result: dict | list[dict] = neighbors_of(window, ds, query, top)
-        matched = None
-        if image is not None:
-            contact_sheet(result, ds, image)
-    else:
-        result, matched = scan_window(window, ds, scan, limit, progress)
-    if out is not None:
-        write_result(result, out)
-    return Audit(result, matched)

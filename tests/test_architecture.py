@@ -15,7 +15,7 @@ LAYERS = {
     "data": 1, "models": 1, "losses": 1,
     "methods": 2, "bootstrap": 2,
     "eval": 3, "train": 3,  # siblings: neither imports the other (test below)
-    "export": 4, "neighbors": 4, "runs": 4, "plots": 4,
+    "export": 4, "neighbors": 4, "runs": 4, "plots": 4, "audit": 4, "feature_audit": 4, "contact_sheet": 4,
     "cli": 5, "__main__": 6,
 }
 

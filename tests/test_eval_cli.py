@@ -57,9 +57,15 @@ def test_knn_on_feature_files_and_size_mismatch(tmp_path):
     bad = runner.invoke(app, ["eval", "knn", "--train-features", str(tmp_path / "train.safetensors"),
                               "--val-features", str(tmp_path / "wide.safetensors")])
     assert bad.exit_code == 2 and "mismatched sizes" in bad.stderr
-    lin = run_json("eval", "linear", "--train-features", str(tmp_path / "train.safetensors"),
-                   "--val-features", str(tmp_path / "val.safetensors"), "--epochs", "20", "--lr", "1.0")
+    files = ["--train-features", str(tmp_path / "train.safetensors"),
+             "--val-features", str(tmp_path / "val.safetensors")]
+    lin = run_json("eval", "linear", *files, "--protocol", "dino", "--epochs", "20", "--lr", "1.0")
     assert lin["metrics"]["protocol"] == "fast-linear" and lin["metrics"]["top1"] == 100.0
+    logreg = run_json("eval", "linear", *files, "--l2", "1e-3,1e-1")
+    assert logreg["metrics"]["protocol"] == "logreg" and logreg["metrics"]["top1"] == 100.0
+    assert logreg["config"]["l2"] == [1e-3, 1e-1] and logreg["metrics"]["l2"] in (1e-3, 1e-1)
+    ignored = runner.invoke(app, ["eval", "linear", *files, "--epochs", "20"])  # an SGD setting with logreg
+    assert ignored.exit_code == 2 and "linear.epochs apply to protocol dino only" in ignored.stderr
 
 
 def test_fewshot_and_linear(tiny_run, shapes_folder, shapes_val_folder, tmp_path):
@@ -67,9 +73,14 @@ def test_fewshot_and_linear(tiny_run, shapes_folder, shapes_val_folder, tmp_path
     fs = run_json("eval", "fewshot", "--weights", str(tiny_run), "--data", str(folder), "--ways", "3", "--shots",
                   "2", "--queries", "3", "--episodes", "20", "--workers", "0")
     assert set(fs["metrics"]) >= {"accuracy", "ci95", "episodes"} and fs["metrics"]["episodes"] == 20
-    lin = run_json("eval", "linear", "--weights", str(tiny_run), "--train", str(shapes_folder), "--val",
-                   str(shapes_val_folder), "--fast", "--epochs", "2", "--n-last-blocks", "2", "--workers", "0")
+    data = ["--train", str(shapes_folder), "--val", str(shapes_val_folder), "--workers", "0"]
+    lin = run_json("eval", "linear", "--weights", str(tiny_run), *data, "--protocol", "dino", "--fast",
+                   "--epochs", "2", "--n-last-blocks", "2")
     assert lin["metrics"]["protocol"] == "fast-linear" and 0 <= lin["metrics"]["top1"] <= 100
+    assert any("SGD steps" in note for note in lin["notes"])  # 2 epochs on 48 images: flagged
+    logreg = run_json("eval", "linear", "--weights", str(tiny_run), *data, "--l2", "1e-2")
+    assert logreg["metrics"]["protocol"] == "logreg" and 0 <= logreg["metrics"]["top1"] <= 100
+    assert logreg["data"]["n_train"] == 48 and logreg["notes"] == []
 
 
 def test_davis_propagation_then_scoring_alone(tiny_run, tmp_path):
@@ -108,12 +119,15 @@ def test_retrieval_images_and_feature_files(tiny_run, tmp_path):
 def test_eval_all_writes_json_and_markdown(tiny_run, shapes_folder, shapes_val_folder, tmp_path):
     suite = tmp_path / "suite.yaml"
     suite.write_text(f"evals:\n  - {{task: knn, train: '{shapes_folder}', val: '{shapes_val_folder}', k: [5]}}\n"
-                     f"  - {{task: fewshot, data: '{shapes_folder}', ways: 3, shots: 2, queries: 3, episodes: 5}}\n")
+                     f"  - {{task: fewshot, data: '{shapes_folder}', ways: 3, shots: 2, queries: 3, episodes: 5}}\n"
+                     f"  - {{task: linear, train: '{shapes_folder}', val: '{shapes_val_folder}', l2: [0.01, 0.1]}}\n")
     report = run_json("eval", "all", "--weights", str(tiny_run), "--suite", str(suite), "--cache",
                       str(tmp_path / "cache"), "--workers", "0", "--markdown", str(tmp_path / "r.md"))
-    assert [r["task"] for r in report["results"]] == ["knn", "fewshot"]
+    assert [r["task"] for r in report["results"]] == ["knn", "fewshot", "linear"]
     table = (tmp_path / "r.md").read_text()
     assert table.startswith("| task | data | metric | value | paper |") and "| knn |" in table
+    assert "| top1 (logreg) |" in table  # the protocol beside the figure
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 5  # knn x2, fewshot, linear x2
     suite.write_text("evals:\n  - {task: knnn}\n")
     bad = runner.invoke(app, ["eval", "all", "--weights", str(tiny_run), "--suite", str(suite)])
     assert bad.exit_code == 2 and "unknown task 'knnn' (did you mean: knn" in bad.stderr

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from sslcli.cli.app import app
 from sslcli.errors import DataError, UsageError
-from sslcli.eval.fewshot import fewshot_episodes, sample_episodes
+from sslcli.eval.featurefiles import FeatureSet, save_features
+from sslcli.eval.fewshot import fewshot_episodes, fewshot_notes, sample_episodes, skipped_classes
 
 
 def separable(num_classes=8, per_class=25, dim=4, seed=0):
@@ -70,6 +75,32 @@ def test_small_classes_are_excluded():
     x, y = x[:-10], y[:-10]  # class 5 keeps 15 < 20 images: never sampled
     index = sample_episodes(y, ways=5, shots=5, queries=15, episodes=40, seed=0)
     assert 5 not in set(y[torch.as_tensor(index.ravel())].tolist())
+
+
+def test_small_classes_are_named_in_the_notes():
+    _, y = separable(num_classes=6, per_class=25)
+    y = torch.cat([y[y < 4], y[y == 4][:19], y[y == 5][:3]])  # class 4: 19 images, class 5: 3
+    assert skipped_classes(y, shots=5, queries=15) == {4: 19, 5: 3}
+    names = ["a", "b", "c", "d", "emu", "fox"]
+    assert fewshot_notes(y, 5, 15, names) == [
+        "few-shot: 2 of 6 classes have fewer than shots + queries = 20 images and never appear in an "
+        "episode: emu (19), fox (3)"]
+    assert fewshot_notes(y, 5, 14) == [  # 19 images are enough for class 4; no names: the ids
+        "few-shot: 1 of 6 classes have fewer than shots + queries = 19 images and never appear in an "
+        "episode: 5 (3)"]
+    assert fewshot_notes(y, 1, 1) == []
+
+
+def test_cli_report_notes_the_skipped_classes(tmp_path):
+    x, y = separable(num_classes=4, per_class=8)
+    save_features(tmp_path / "f.safetensors", FeatureSet(x[:-6], y[:-6]))  # class 3 keeps 2 images
+    result = CliRunner().invoke(app, ["eval", "fewshot", "--features", str(tmp_path / "f.safetensors"), "--ways",
+                                      "3", "--shots", "2", "--queries", "3", "--episodes", "5", "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["metrics"]["accuracy"] == 100.0
+    assert report["notes"] == ["few-shot: 1 of 4 classes have fewer than shots + queries = 5 images and never "
+                               "appear in an episode: 3 (2)"]
 
 
 def test_too_few_eligible_classes_names_the_counts():

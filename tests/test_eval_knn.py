@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from typer.testing import CliRunner
 
+from sslcli.cli.app import app
 from sslcli.errors import DataError, UsageError
-from sslcli.eval.knn import knn_classify
+from sslcli.eval.featurefiles import FeatureSet, save_features
+from sslcli.eval.knn import knn_classify, knn_notes
+from sslcli.eval.tasks import aligned_val_labels
 
 
 @torch.no_grad()
@@ -183,3 +188,50 @@ def test_random_features_score_chance():
     result = knn_classify(train, train_y, test, test_y, ks=(20,))
     assert 6.0 <= result["top1"] <= 14.0  # 10 % +- 4 points (binomial std ~0.95 points)
     assert 44.0 <= result["k"]["20"]["top5"] <= 56.0
+
+
+# ---------------------------------------------------------------- small data (docs/evals.md "Small data")
+
+
+def test_notes_name_ks_above_the_train_set_and_the_smallest_class():
+    labels = torch.tensor([0] * 12 + [1] * 5 + [2] * 8)  # 25 images, smallest class 5
+    notes = knn_notes(labels, (5, 10, 20, 100, 200))
+    assert len(notes) == 2
+    assert "k = 100, 200 exceed the 25 training images and are clipped to 25" in notes[0]
+    assert "k = 10, 20, 100, 200 exceed the 5 training images of the smallest class" in notes[1]
+    assert knn_notes(torch.arange(40) % 4, (10,)) == []  # 10 per class: nothing to say
+
+
+def features(labels, meta=None):
+    return FeatureSet(torch.randn(len(labels), 4), torch.tensor(labels), meta=meta or {})
+
+
+def test_val_classes_are_mapped_to_train_by_name_and_unknown_ones_refused():
+    train = features([0, 1, 2, 2], {"classes": json.dumps(["cat", "dog", "owl"])})
+    val = features([0, 1, 1], {"classes": json.dumps(["dog", "owl"])})  # val folder without cats
+    assert aligned_val_labels(train, val, "tr", "va", "k-NN").tolist() == [1, 2, 2]
+    odd = features([0, 1], {"classes": json.dumps(["dog", "emu"])})
+    with pytest.raises(DataError, match="only in train: cat, owl; only in val: emu"):
+        aligned_val_labels(train, odd, "tr", "va", "k-NN")
+    # feature files carry integer labels only: a val label no train feature has is refused
+    assert aligned_val_labels(features([0, 1, 2]), features([2, 0]), "a", "b", "k-NN").tolist() == [2, 0]
+    with pytest.raises(DataError, match=r"2 val features have labels that no train feature has \(3\)"):
+        aligned_val_labels(features([0, 1, 2]), features([3, 3, 0]), "a", "b", "k-NN")
+
+
+def test_cli_refuses_val_labels_absent_from_train_with_exit_2(tmp_path):
+    save_features(tmp_path / "train.safetensors", features([0, 0, 1, 1]))
+    save_features(tmp_path / "val.safetensors", features([0, 5]))
+    result = CliRunner().invoke(app, ["eval", "knn", "--train-features", str(tmp_path / "train.safetensors"),
+                                      "--val-features", str(tmp_path / "val.safetensors"), "--k", "1"])
+    assert result.exit_code == 2 and "could never be classified correctly" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_report_carries_the_notes(tmp_path):
+    save_features(tmp_path / "f.safetensors", features([0, 0, 1, 1, 2, 2]))
+    f = str(tmp_path / "f.safetensors")
+    result = CliRunner().invoke(app, ["eval", "knn", "--train-features", f, "--val-features", f, "--json"])
+    assert result.exit_code == 0, result.stderr
+    notes = json.loads(result.stdout)["notes"]
+    assert len(notes) == 2 and "clipped to 6" in notes[0] and "smallest class" in notes[1]

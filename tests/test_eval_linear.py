@@ -12,15 +12,13 @@ from PIL import Image
 from sslcli.config import ModelConfig
 from sslcli.errors import DataError, UsageError
 from sslcli.eval.linear import (
-    default_probe,
     linear_probe,
     make_classifier,
     make_optimizer,
-    probe_features,
-    resolve_probe,
     scaled_lr,
     score,
 )
+from sslcli.eval.probe import default_probe, probe_features, resolve_probe
 from sslcli.eval.weights import WeightsInfo
 from sslcli.models import create_backbone
 
@@ -101,13 +99,15 @@ def test_probe_features_cnn_is_the_pooled_vector():
         resolve_probe(resnet, 4, None)
 
 
-def test_default_probe_follows_dino():
-    assert default_probe(tiny_vit()) == (4, False)  # embed 32 < 768: ViT-S rule
+def test_default_probe_follows_dino_capped_at_the_depth():
+    assert default_probe(tiny_vit()) == (2, False)  # embed 32 < 768: ViT-S rule, 4 capped at 2 blocks
+    assert default_probe(tiny_vit(depth=5)) == (4, False)
     big = create_backbone(ModelConfig(arch="vit_small_patch16_224", drop_path_rate=0.0, kwargs=dict(
         VIT_KWARGS, embed_dim=768, depth=1, num_heads=12)))
     assert default_probe(big) == (1, True)
+    assert resolve_probe(tiny_vit(), None, None) == (2, False)
     with pytest.raises(UsageError, match="1..2"):
-        resolve_probe(tiny_vit(), None, None)  # the ViT-S default of 4 does not fit a 2-block ViT
+        resolve_probe(tiny_vit(), 3, None)  # an explicit n is checked, not capped
     assert resolve_probe(tiny_vit(), 2, True) == (2, True)
 
 

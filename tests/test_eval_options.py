@@ -16,6 +16,7 @@ from sslcli.device import autocast, pick_device
 from sslcli.errors import ConfigError, UsageError
 from sslcli.eval.featurefiles import FeatureSet, save_features
 from sslcli.config import KNN_HEADLINE_K, KNN_KS, KNN_TEMPERATURE
+from sslcli.eval.logreg import L2_GRID
 from sslcli.eval.options import (DavisOptions, FewshotOptions, KnnOptions, LinearOptions, RetrievalOptions,
                                  parse_options)
 from sslcli.eval.suite import read_suite
@@ -48,7 +49,11 @@ def test_bad_values_are_caught_before_any_eval_runs(tmp_path):
              "  - {task: davis, split: val}\n": "davis.davis",  # the required root
              "  - {task: retrieval, dataset: roxford}\n": "did you mean: roxford5k",
              "  - {task: knn, k: [0, 20]}\n": "knn.k",
-             "  - {task: linear, epochs: 1.5}\n": "'linear.epochs' must be int"}
+             "  - {task: linear, epochs: 1.5}\n": "'linear.epochs' must be int",
+             "  - {task: linear, protocol: dinov}\n": "did you mean: dino",
+             "  - {task: linear, epochs: 10}\n": "linear.epochs apply to protocol dino only",
+             "  - {task: linear, protocol: dino, l2: [0.1]}\n": "linear.l2 applies to protocol logreg only",
+             "  - {task: linear, l2: [0.1, 0]}\n": "linear.l2 must be a list of numbers > 0"}
     for entry, expected in cases.items():
         result = run_suite(tmp_path, entry)
         assert result.exit_code == 2 and expected in result.stderr, (entry, result.stderr)
@@ -65,6 +70,14 @@ def test_suite_entries_become_typed_options(tmp_path):
     assert entries[1][1] == LinearOptions(fast=True) and entries[2][1] == FewshotOptions()
     assert entries[3][1] == DavisOptions(davis="/d", sequences=["a", "b"])
     assert entries[4][1] == RetrievalOptions(dataset="rparis6k")
+
+
+def test_linear_protocols_and_their_settings():
+    assert LinearOptions().protocol == "logreg" and LinearOptions().l2 == list(L2_GRID)
+    dino = parse_options("linear", {"protocol": "dino", "fast": True, "epochs": 10, "lr": 0.01, "batch_size": 64})
+    assert (dino.protocol, dino.epochs, dino.lr, dino.batch_size) == ("dino", 10, 0.01, 64)
+    assert parse_options("linear", {"l2": [1, 0.1]}).l2 == [1.0, 0.1]  # YAML integers are numbers too
+    assert parse_options("linear", {"fast": True}).protocol == "logreg"  # logreg always runs on cached features
 
 
 def test_parse_options_rejects_unknown_tasks():
@@ -88,7 +101,7 @@ def test_cli_flags_and_suite_share_defaults():
                          (cli_evals.retrieval, RetrievalOptions)):
         flags = inspect.signature(command).parameters
         for name in ("seed", "ways", "shots", "queries", "episodes", "metric", "epochs", "lr", "dataset",
-                     "multiscale", "query_crop"):
+                     "multiscale", "query_crop", "protocol"):
             if name in flags:
                 assert flags[name].default == getattr(cls, name), (command.__name__, name)
     assert inspect.signature(cli_evals.linear).parameters["probe_batch_size"].default == LinearOptions.batch_size

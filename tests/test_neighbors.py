@@ -21,6 +21,7 @@ from torchvision.datasets import ImageFolder
 from typer.testing import CliRunner
 
 import sslcli.neighbors as nb
+from sslcli.contact_sheet import contact_sheet
 from conftest import TINY
 from sslcli.bootstrap.adasim import window_distribution
 from sslcli.cli.app import app
@@ -29,8 +30,8 @@ from sslcli.errors import UsageError
 
 runner = CliRunner()
 TAU, TOP_K = 0.2, 3
-QUERY_KEYS = {"query", "neighbors", "weights", "tau", "window", "epochs_done"}
-NEIGHBOR_KEYS = {"id", "class_id", "class_name", "p_win", "path", "is_query", "other_class"}
+QUERY_KEYS = {"query", "neighbors", "weights", "tau", "window", "epochs_done", "decision"}
+NEIGHBOR_KEYS = {"id", "class_id", "class_name", "p_win", "m_win", "path", "is_query", "other_class"}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,10 @@ def reference(ada_run, shapes_folder):
     state = load_file(str(ada_run / "checkpoints" / "last.safetensors"))
     ids, sims = state["extra/bootstrap.window_ids"], state["extra/bootstrap.window_sims"]
     dists = [window_distribution(ids[:, q].long(), sims[:, q], TAU, TOP_K) for q in range(ids.shape[1])]
+    # window 1: m_win of a candidate is the similarity its one slot recorded
+    m_win = [dict(zip(ids[0, q].tolist(), sims[0, q].tolist())) for q in range(ids.shape[1])]
     folder = ImageFolder(str(shapes_folder))
-    return {"dists": [(c.tolist(), p.tolist()) for c, p in dists], "labels": folder.targets,
+    return {"dists": [(c.tolist(), p.tolist()) for c, p in dists], "m_win": m_win, "labels": folder.targets,
             "paths": [os.path.abspath(p) for p, _ in folder.samples], "classes": folder.classes}
 
 
@@ -84,6 +87,9 @@ def test_query_matches_window_distribution(ada_run, reference):
         assert p == sorted(p, reverse=True) and sum(p) == pytest.approx(1.0, abs=1e-5)
         cand, p_ref = reference["dists"][q]
         assert [r["id"] for r in rows] == cand and p == pytest.approx(p_ref, abs=1e-6)
+        assert [r["m_win"] for r in rows] == pytest.approx([reference["m_win"][q][r["id"]] for r in rows], abs=1e-6)
+        # AdaSim bootstraps an image only when its window ranks the image itself first
+        assert result["decision"] == ("bootstrap" if cand[0] == q else "standard pair")
         for r in rows:
             j = r["id"]
             assert r["is_query"] == (j == q)
@@ -127,7 +133,7 @@ def test_cli_query_json_and_contact_sheet(ada_run, reference, tmp_path):
     assert "AdaSim neighbours of image 5" in result.stdout
     with Image.open(sheet) as img:
         assert img.format == "PNG" and img.size == (132 * (1 + 2) + 12, 152)  # contact_sheet's formula
-    with Image.open(nb.contact_sheet(obj, lambda i: Image.new("RGB", (40, 20)), tmp_path / "all.png", cell=64)) as img:
+    with Image.open(contact_sheet(obj, lambda i: Image.new("RGB", (40, 20)), tmp_path / "all.png", cell=64)) as img:
         k = len(obj["neighbors"])
         assert img.size == ((1 + k) * (64 + 4) + 4 + 8, 64 + 16 + 2 * 4)
 
@@ -178,7 +184,7 @@ def test_latest_run_picks_the_newest_checkpoint(tmp_path):
     (["--query", "1", "--scan", "not-self"], "give exactly one of --query ID"),
     (["--query", "48"], "query id 48 is out of range: image ids are 0..47"),
     (["--query", "-1"], "query id -1 is out of range"),
-    (["--scan", "not-slf"], "--scan must be not-self or other-class, got 'not-slf' (did you mean: not-self?)"),
+    (["--scan", "not-slf"], "--scan must be one of not-self, other-class, duplicates, leakage, got 'not-slf' (did you mean: not-self?)"),
     (["--scan", "not-self", "--out", "audit.txt"], "--out must end in .csv or .json"),
     (["--scan", "not-self", "--image", "x.png"], "--image draws the neighbours of one --query image"),
     (["--query", "1", "--top", "0"], "--top must be >= 1"),
@@ -189,8 +195,12 @@ def test_usage_errors_exit_2_with_one_line(ada_run, args, fragment):
 
 
 def test_run_without_bootstrap_state(tiny_run):
-    line = error_line(invoke("--weights", str(tiny_run), "--query", "0"))
+    """not-self needs the AdaSim window; a query falls back to the feature graph of the run's data."""
+    line = error_line(invoke("--weights", str(tiny_run), "--scan", "not-self"))
     assert "has no bootstrap state (trained with bootstrap.name none)" in line
+    result = invoke("--weights", str(tiny_run), "--query", "0", "--workers", "0")
+    assert result.exit_code == 0, result.stderr
+    assert "nearest images of 0 (circle_filled) by cosine" in result.stdout
 
 
 def test_no_completed_epoch_yet(ada_run, tmp_path):

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from sslcli import runfiles
-from sslcli.cli.common import emit_json, exits_on_errors, stdout
+from sslcli.cli.common import emit_json, exits_on_errors, stderr, stdout
 from sslcli.cli.progress import task_progress
 from sslcli.device import DEVICE_KINDS
 from sslcli.errors import UsageError
@@ -50,8 +51,9 @@ def flatten(metrics: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 
 def render(result: dict, out: Path | None, json_out: bool) -> None:
-    """Table on stdout, or JSON alone on stdout with --json; --out writes the JSON file too, and
-    weights from a run directory get the report as RUN_DIR/evals/<task>.json (`ssl runs` shows it)."""
+    """Table on stdout (the report's notes after it, on stderr), or JSON alone on stdout with --json;
+    --out writes the JSON file too, and weights from a run directory get the report as
+    RUN_DIR/evals/<task>.json (`ssl runs` shows it)."""
     text = json.dumps(result, indent=2) + "\n"
     if out is not None:
         runfiles.atomic_write_text(out, text, what="report")
@@ -70,6 +72,8 @@ def render(result: dict, out: Path | None, json_out: bool) -> None:
             continue
         table.add_row(name, fmt(value))
     stdout.print(table)
+    for note in result.get("notes", []):
+        stderr.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 def fmt(value: object) -> str:
@@ -77,6 +81,13 @@ def fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.2f}" if value == 0 or abs(value) >= 0.01 else f"{value:.3g}"
     return str(value)
+
+
+def parse_floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} expects comma-separated numbers like 1e-4,1e-3, got '{text}'") from None
 
 
 def parse_ks(text: str) -> tuple[int, ...]:
@@ -134,23 +145,35 @@ def fewshot(weights: Weights = None,
 @exits_on_errors
 def linear(weights: Weights = None, train: Annotated[Optional[str], typer.Option(help="Labeled train folder.")] = None,
            val: Annotated[Optional[str], typer.Option(help="Labeled val folder.")] = None,
-           epochs: int = LinearOptions.epochs,
-           lr: Annotated[float, typer.Option(help="Per 256 images.")] = LinearOptions.lr,
-           probe_batch_size: Annotated[int, typer.Option("--probe-batch-size")] = LinearOptions.batch_size,
+           protocol: Annotated[str, typer.Option(help="logreg (L-BFGS, any data size) | dino (the papers' "
+                                                      "SGD recipe).")] = LinearOptions.protocol,
+           l2: Annotated[Optional[str], typer.Option("--l2", help="logreg: L2 strengths to choose from, "
+                                                                  "e.g. 1e-4,1e-3 (default: 1e-6 .. 1).")] = None,
+           epochs: Annotated[int, typer.Option(help="dino: epochs.")] = LinearOptions.epochs,
+           lr: Annotated[float, typer.Option(help="dino: lr per 256 images.")] = LinearOptions.lr,
+           probe_batch_size: Annotated[int, typer.Option("--probe-batch-size",
+                                                         help="dino: SGD batch.")] = LinearOptions.batch_size,
            n_last_blocks: Annotated[Optional[int], typer.Option(help="ViT: CLS of the last n blocks.")] = None,
            avgpool: Annotated[Optional[bool], typer.Option("--avgpool/--no-avgpool")] = None,
-           fast: Annotated[bool, typer.Option("--fast", help="Cached features, no augmentation.")] = LinearOptions.fast,
+           fast: Annotated[bool, typer.Option("--fast", help="dino: cached features, no augmentation "
+                                                             "(logreg always is).")] = LinearOptions.fast,
            train_features: File = None, val_features: File = None,
-           seed: int = LinearOptions.seed, which: Which = "teacher", device: Device = "auto",
-           image_size: ImageSize = None, workers: Workers = 4, out: Out = None, json_out: Json = False) -> None:
-    """Linear probe (DINO protocol; --fast: on cached features, for sweeps).
+           seed: int = LinearOptions.seed, which: Which = "teacher", device: Device = "auto", cache: Cache = None,
+           image_size: ImageSize = None, batch_size: BatchSize = 256, workers: Workers = 4, out: Out = None,
+           json_out: Json = False) -> None:
+    """Linear probe: logistic regression on cached features (default), or DINO's protocol.
 
-    Example: ssl eval linear --weights runs/dino-s16 --train /data/imagenet/train --val /data/imagenet/val
+    Examples:
+
+      ssl eval linear --weights runs/demo --train builtin:shapes:train --val builtin:shapes:val
+
+      ssl eval linear --weights runs/dino-s16 --train /data/imagenet/train --val /data/imagenet/val --protocol dino
     """
-    src = source(weights, which, device, None, image_size, workers=workers)
+    src = source(weights, which, device, cache, image_size, batch_size, workers)
+    grid = parse_floats(l2, "--l2") if l2 is not None else LinearOptions().l2
     opts = LinearOptions(train=train, val=val, train_features=train_features, val_features=val_features,
-                         epochs=epochs, batch_size=probe_batch_size, lr=lr, n_last_blocks=n_last_blocks,
-                         avgpool=avgpool, fast=fast, seed=seed)
+                         protocol=protocol, l2=grid, epochs=epochs, batch_size=probe_batch_size, lr=lr,
+                         n_last_blocks=n_last_blocks, avgpool=avgpool, fast=fast, seed=seed)
     with task_progress(not json_out) as progress:
         result = tasks.run_linear(src, opts, progress)
     render(result, out, json_out)

@@ -1,7 +1,8 @@
-"""`ssl neighbors`: the AdaSim neighbour audit of a run (ranked S_win with p_win and class ids)."""
+"""`ssl neighbors`: the neighbour audit of a run's AdaSim window or of any backbone's features."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -9,90 +10,142 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from sslcli.audit import ALL_SCANS, AuditRequest, run_audit
 from sslcli.cli.common import emit_json, exits_on_errors, stdout
 from sslcli.cli.progress import task_progress
-from sslcli.neighbors import run_audit
+from sslcli.eval.tasks import Source
+from sslcli.feature_audit import DEFAULT_GRID, DEFAULT_K, DEFAULT_MIN_DISAGREEMENT
 
 SHOWN = 50  # scan rows drawn in the table (--out / --json give all of them)
+PATH_WIDTH = {1: 34, 2: 20}  # characters per path column (by path columns per table) without --wide
+CLASS_WIDTH = 14
+
+# Columns per result kind: (header, row -> cell text, right-justified).
+Column = tuple[str, Callable[[dict], str], bool]
 
 
 @exits_on_errors
 def neighbors_command(
     weights: Annotated[Optional[str], typer.Option(
         "--weights", "--run", "-w",
-        help="Run directory or training checkpoint (default: the newest run in ./runs).")] = None,
+        help="Run directory, checkpoint or exported backbone (default: the newest run in ./runs).")] = None,
     query: Annotated[Optional[int], typer.Option(
-        "--query", help="Image id (position in ImageFolder order): list its AdaSim candidates and p_win.")] = None,
+        "--query", help="Image id (position in ImageFolder order): list its neighbours.")] = None,
     scan: Annotated[Optional[str], typer.Option(
-        "--scan", help="Audit every image: not-self (top candidate is another image) or other-class.")] = None,
-    top: Annotated[Optional[int], typer.Option(
-        "--top", help="With --query: the K most probable neighbours only.")] = None,
-    limit: Annotated[Optional[int], typer.Option(
-        "--limit", help="With --scan: the N most confident rows only.")] = None,
+        "--scan", help=f"Audit every image: {' | '.join(ALL_SCANS)}.")] = None,
     data: Annotated[Optional[str], typer.Option(
-        "--data", help="The run's training images if they moved (default: the run's data.path).")] = None,
-    image: Annotated[Optional[Path], typer.Option(
-        "--image", help="With --query: write a contact sheet PNG.")] = None,
-    out: Annotated[Optional[Path], typer.Option(
-        "--out", "-o", help="Write the result to FILE.csv or FILE.json.")] = None,
-    json_out: Annotated[bool, typer.Option(
-        "--json", help="Print the result as JSON to stdout (and nothing else).")] = False,
+        "--data", help="Folder to audit with the backbone's features (default: the run's data.path; for an "
+                       "AdaSim window: the run's images if they moved).")] = None,
+    against: Annotated[Optional[str], typer.Option(
+        "--against", help="--scan leakage: the images to check against --data (e.g. val vs train).")] = None,
+    features: Annotated[bool, typer.Option(
+        "--features", help="Use the feature graph even for a run that kept an AdaSim window.")] = False,
+    k: Annotated[int, typer.Option("--k", help="Neighbours per image in the feature graph.")] = DEFAULT_K,
+    feature: Annotated[Optional[str], typer.Option(
+        "--feature", help="cls (what the image shows) | grid (its layout: pooled patch tokens). Default: grid for "
+                          "duplicates / leakage, cls otherwise.")] = None,
+    grid: Annotated[int, typer.Option("--grid", help="Side of the pooled patch grid of --feature grid.")] = DEFAULT_GRID,
+    threshold: Annotated[Optional[float], typer.Option(
+        "--threshold", help="Cosine threshold (default: duplicates / leakage 0.9, other-class 0).")] = None,
+    min_disagreement: Annotated[float, typer.Option(
+        "--min-disagreement", help="other-class on features: share of the neighbours' vote against the label.")]
+        = DEFAULT_MIN_DISAGREEMENT,
+    top: Annotated[Optional[int], typer.Option("--top", help="With --query: the K nearest only.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="With --scan: the first N rows only.")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", help="With --query: write a contact sheet PNG.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the result to FILE.csv or FILE.json.")] = None,
+    cache: Annotated[Optional[Path], typer.Option("--cache", help="Feature cache folder (shared with ssl eval).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
+    workers: Annotated[int, typer.Option("--workers", help="Data-loading workers for the features.")] = 4,
+    wide: Annotated[bool, typer.Option("--wide", help="Full paths in the table (default: shortened from the left).")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON to stdout (and nothing else).")] = False,
 ) -> None:
-    """Show the neighbours AdaSim learned: one image's candidates with p_win, or a scan of all images.
+    """Neighbours of one image, or a scan of all: AdaSim's window, or any backbone on any folder.
 
     Examples:
-
-      ssl neighbors --query 493896
 
       ssl neighbors --run runs/adasim-s16 --query 493896 --top 5 --image sheet.png
 
       ssl neighbors --run runs/adasim-s16 --scan other-class --out audit.csv
+
+      ssl neighbors --weights model.safetensors --data train/ --scan duplicates --out dups.csv
+
+      ssl neighbors --weights model.safetensors --data train/ --scan leakage --against val/
     """
-    with task_progress(scan is not None and not json_out) as progress:
-        audit = run_audit(weights, query, scan, top, limit, data, out, image, progress)
+    req = AuditRequest(weights, query, scan, top, limit, data, out, image, features, k, threshold, min_disagreement,
+                       against, feature, grid, Source(device=device, cache=cache, workers=workers))
+    with task_progress(not json_out) as progress:
+        audit = run_audit(req, progress)
     if json_out:
         emit_json(audit.result)
-    elif isinstance(audit.result, dict):
-        render_query(audit.result)
+        return
+    if isinstance(audit.result, dict):
+        render_query(audit.result, wide)
     else:
-        render_scan(audit.result, scan, audit.matched)
-    if not json_out:
-        for label, path in (("contact sheet", image), ("result", out)):
-            if path is not None:
-                stdout.print(f"{label} written to {escape(str(path))}")
+        render_scan(audit.result, scan, audit.matched, wide)
+    for label, path in (("contact sheet", image), ("result", out)):
+        if path is not None:
+            stdout.print(f"{label} written to {escape(str(path))}")
 
 
-def render_query(result: dict) -> None:
-    q = result["query"]
-    name = f" ({escape(q['class_name'])})" if q["class_name"] is not None else ""
-    table = Table(title=f"AdaSim neighbours of image {q['id']}{name}: tau {result['tau']:g}, "
-                        f"window {result['window']}, {result['epochs_done']} epochs done",
-                  caption=escape(f"query: {q['path']}  ({result['weights']})"))
-    for column, justify in (("rank", "right"), ("id", "right"), ("class id", "right"), ("class name", "left"),
-                            ("p_win", "right"), ("path", "left"), ("mark", "left")):
-        table.add_column(column, justify=justify, overflow="fold")
-    for rank, n in enumerate(result["neighbors"], 1):
-        mark = "[blue]query[/]" if n["is_query"] else ("[red]other class[/]" if n["other_class"] else "")
-        table.add_row(str(rank), str(n["id"]), str(n["class_id"]), escape(n["class_name"] or "-"),
-                      f"{n['p_win']:.4f}", escape(n["path"]), mark)
-    stdout.print(table)
-    if result["epochs_done"] < result["window"]:
+def short(text: str | None, width: int | None) -> str:
+    """`text` cut from the left to `width` characters ("…" + its end); whole when width is None."""
+    text = "-" if text is None else str(text)
+    return text if width is None or len(text) <= width else "…" + text[-(width - 1):]
+
+
+def cls(row: dict, prefix: str) -> str:
+    key = f"{prefix}class" if prefix else "class_id"
+    name = row.get(f"{prefix}class_name")
+    return short(name if name is not None else str(row[key]), CLASS_WIDTH)
+
+
+def render_query(result: dict, wide: bool) -> None:
+    q, window = result["query"], "p_win" in (result["neighbors"] or [{}])[0] or "tau" in result
+    width = None if wide else PATH_WIDTH[1]
+    if window:
+        title = (f"AdaSim neighbours of image {q['id']} ({cls(q, '')}): tau {result['tau']:g}, window "
+                 f"{result['window']}, {result['epochs_done']} epochs done; decision: {result.get('decision') or '-'}")
+        score: list[Column] = [("p_win", lambda n: f"{n['p_win']:.4f}", True), ("m_win", lambda n: f"{n['m_win']:.3f}", True)]
+    else:
+        title = f"nearest images of {q['id']} ({cls(q, '')}) by cosine, k {result['k']}"
+        score = [("cosine", lambda n: f"{n['similarity']:.3f}", True)]
+    columns: list[Column] = [("id", lambda n: str(n["id"]), True), ("class", lambda n: cls(n, ""), False), *score,
+                             ("path", lambda n: short(n["path"], width), False),
+                             ("mark", lambda n: "query" if n["is_query"] else ("other class" if n["other_class"] else ""), False)]
+    draw(title, columns, result["neighbors"], caption=escape(f"query: {short(q['path'], None if wide else 60)}"))
+    if window and result["epochs_done"] < result["window"]:
         stdout.print(f"note: {result['epochs_done']} of {result['window']} window epochs done; training still uses "
                      "standard pairs until the window is full")
 
 
-def render_scan(rows: list[dict], kind: str, matched: int | None) -> None:
-    table = Table(title=f"scan {kind}: {matched} images match", caption=(
-        f"first {SHOWN} of {len(rows)} rows shown (--out FILE or --json for all)" if len(rows) > SHOWN else None))
-    for column, justify in (("rank", "right"), ("query", "right"), ("class", "left"), ("neighbour", "right"),
-                            ("class", "left"), ("p_win", "right"), ("query path", "left"), ("neighbour path", "left")):
-        table.add_column(column, justify=justify, overflow="fold")
-    for rank, r in enumerate(rows[:SHOWN], 1):
-        table.add_row(str(rank), str(r["query"]), escape(_cls(r["query_class"], r["query_class_name"])),
-                      str(r["neighbor"]), escape(_cls(r["neighbor_class"], r["neighbor_class_name"])),
-                      f"{r['p_win']:.4f}", escape(r["query_path"]), escape(r["neighbor_path"]))
+def render_scan(rows: list[dict], kind: str, matched: int | None, wide: bool) -> None:
+    two, one = (None, None) if wide else (PATH_WIDTH[2], PATH_WIDTH[1])
+    pair: list[Column] = [("query", lambda r: str(r["query"]), True), ("class", lambda r: cls(r, "query_"), False),
+                          ("neighbour", lambda r: str(r["neighbor"]), True), ("class", lambda r: cls(r, "neighbor_"), False)]
+    if kind == "duplicates":
+        columns: list[Column] = [("cluster", lambda r: str(r["cluster"]), True), ("a", lambda r: str(r["a"]), True),
+                                 ("b", lambda r: str(r["b"]), True), ("cosine", lambda r: f"{r['similarity']:.3f}", True),
+                                 ("a path", lambda r: short(r["a_path"], two), False),
+                                 ("b path", lambda r: short(r["b_path"], two), False)]
+    elif "disagreement" in (rows or [{}])[0]:  # other-class on the feature graph
+        columns = [pair[0], pair[1], ("suggested", lambda r: short(r["suggested_class_name"] or str(r["suggested_class"]),
+                                                                   CLASS_WIDTH), False),
+                   ("disagree", lambda r: f"{r['disagreement']:.2f}", True), *pair[2:3],
+                   ("cosine", lambda r: f"{r['similarity']:.3f}", True), ("query path", lambda r: short(r["query_path"], one), False)]
+    else:  # the window's scans (p_win) and leakage (cosine)
+        score = ("p_win", lambda r: f"{r['p_win']:.4f}", True) if "p_win" in (rows or [{}])[0] else \
+            ("cosine", lambda r: f"{r['similarity']:.3f}", True)
+        columns = [*pair, score, ("query path", lambda r: short(r["query_path"], two), False),
+                   ("neighbour path", lambda r: short(r["neighbor_path"], two), False)]
+    caption = f"first {SHOWN} of {len(rows)} rows shown (--out FILE or --json for all)" if len(rows) > SHOWN else None
+    draw(f"scan {kind}: {matched} match", columns, rows[:SHOWN], caption)
+
+
+def draw(title: str, columns: list[Column], rows: list[dict], caption: str | None = None) -> None:
+    table = Table(title=escape(title), caption=caption, padding=(0, 1))
+    for header, _, right in columns:
+        table.add_column(header, justify="right" if right else "left", no_wrap=True)
+    for row in rows:
+        table.add_row(*(escape(cell(row)) for _, cell, _ in columns))
     stdout.print(table)
-
-
-def _cls(class_id: int, name: str | None) -> str:
-    return f"{class_id} {name}" if name is not None else str(class_id)

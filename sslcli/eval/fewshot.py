@@ -4,6 +4,10 @@ Each episode: `ways` classes drawn at random (without replacement) from the clas
 least shots + queries images; per class `shots` + `queries` distinct images; prototype = mean of
 the support features; each query is assigned to the prototype at the smallest squared Euclidean
 distance. Features are used raw (no L2, no centering). Sampling uses numpy's Generator(seed).
+
+Small data (docs/evals.md "Small data"): a class with fewer than shots + queries images cannot
+give distinct support and query images, so it is left out of the episodes (`skipped_classes`
+lists them for the report's notes, never silently); fewer than `ways` classes left -> DataError.
 """
 
 from __future__ import annotations
@@ -84,6 +88,29 @@ def sample_episodes(
         for w, c in enumerate(rng.choice(eligible, size=ways, replace=False)):
             out[e, w] = rng.choice(by_class[int(c)], size=per_class, replace=False)
     return out
+
+
+def skipped_classes(labels: Tensor, shots: int, queries: int) -> dict[int, int]:
+    """{class id: image count} of the classes of labels [N] with fewer than shots + queries images
+    (left out of every episode), in class order."""
+    counts = np.bincount(labels.detach().cpu().numpy().astype(np.int64).clip(min=0))
+    return {c: int(n) for c, n in enumerate(counts) if 0 < n < shots + queries}
+
+
+def fewshot_notes(labels: Tensor, shots: int, queries: int, class_names: list[str] | None = None) -> list[str]:
+    """The report's note naming the classes too small for an episode (none -> [])."""
+    skipped = skipped_classes(labels, shots, queries)
+    if not skipped:
+        return []
+    total = len(np.unique(labels.detach().cpu().numpy()))
+
+    def name(c: int) -> str:
+        return class_names[c] if class_names and c < len(class_names) else str(c)
+
+    shown = ", ".join(f"{name(c)} ({n})" for c, n in list(skipped.items())[:8])
+    more = f" (+{len(skipped) - 8} more)" if len(skipped) > 8 else ""
+    return [f"few-shot: {len(skipped)} of {total} classes have fewer than shots + queries = {shots + queries} "
+            f"images and never appear in an episode: {shown}{more}"]
 
 
 def _episode_accuracies(features: Tensor, index: np.ndarray, shots: int, metric: str) -> np.ndarray:

@@ -4,6 +4,12 @@ For every test feature: cosine similarities to all training features, the top-k 
 class score = sum of exp(s_j / T) over the top-k items of that class, classes ranked by score.
 The test set is processed in chunks so memory stays bounded (chunk x N similarities at a time)
 and any test-set size works. Everything runs on the device of `train_features`.
+
+Small training sets (docs/evals.md "Small data"): a k above the number N of training images is
+clipped to N (every training image votes; the key keeps the requested k), and a k above the image
+count of the smallest training class means that class's images cannot fill their vote with
+their own class. Both are computed as asked and reported by `knn_notes`, never silently.
+Val labels must occur in train (sslcli.eval.classes checks that before the vote).
 """
 
 from __future__ import annotations
@@ -164,3 +170,26 @@ def _num_classes(train_y: Tensor, test_y: Tensor, num_classes: int | None) -> in
     if largest >= num_classes:
         raise DataError(f"k-NN: label {largest} is out of range for {num_classes} classes")
     return int(num_classes)
+
+
+def knn_notes(train_labels: Tensor, ks: Sequence[int] = KNN_KS) -> list[str]:
+    """The report's caveats for training labels [N] and the requested ks (module doc): ks above N
+    (clipped, so their figures coincide) and ks above the smallest class's image count."""
+    ks = _check_ks(ks)
+    n = int(train_labels.numel())
+    counts = torch.bincount(train_labels.detach().long().cpu().clamp_min(0))
+    smallest = int(counts[counts > 0].min()) if n else 0
+    notes = []
+    clipped = [k for k in ks if k > n]
+    if clipped:
+        notes.append(f"k-NN: k = {_join(clipped)} exceed the {n} training images and are clipped to {n} "
+                     "(every training image votes), so their figures coincide")
+    above = [k for k in ks if min(k, n) > smallest]
+    if above:
+        notes.append(f"k-NN: k = {_join(above)} exceed the {smallest} training images of the smallest class: "
+                     "the votes for its images necessarily include neighbours of other classes")
+    return notes
+
+
+def _join(ks: list[int]) -> str:
+    return ", ".join(str(k) for k in ks)

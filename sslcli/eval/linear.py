@@ -1,10 +1,12 @@
-"""Linear probe on a frozen backbone (DINO protocol, docs/evals.md "Linear probe").
+"""Linear probe on a frozen backbone, DINO's protocol (`--protocol dino`; docs/evals.md "Linear probe").
 
-DINO's eval_linear.py, single process:
-- features (`probe_features`): ViT -> the CLS tokens of the last n blocks, each after the final
+The recipe of DINO's eval_linear.py, single process, for ImageNet reproductions (the papers'
+linear rows). On small data it makes few optimiser steps (2,000 images at batch 1024: 2 per
+epoch) and does not converge; the default protocol for other data is sslcli.eval.logreg.
+- features (sslcli.eval.probe): ViT -> the CLS tokens of the last n blocks, each after the final
   norm, concatenated, plus (avgpool) the mean of the last block's patch tokens; CNN -> the pooled
-  vector. Defaults (`default_probe`): ViT-S and smaller (embed_dim < 768) n = 4, no avgpool;
-  ViT-B and larger n = 1 with avgpool; CNN (1, False).
+  vector. Defaults (`default_probe`): ViT-S and smaller (embed_dim < 768) n = min(4, depth), no
+  avgpool; ViT-B and larger n = 1 with avgpool; CNN (1, False).
 - a linear layer (init N(0, 0.01), bias 0) trained with cross-entropy, SGD momentum 0.9, weight
   decay 0, lr = lr x batch_size / 256, CosineAnnealingLR(T_max=epochs, eta_min=0) stepped once
   per epoch after training it (as DINO), no dropped last batch.
@@ -19,7 +21,7 @@ DINO's eval_linear.py, single process:
   scored on them after every epoch, which gives the numbers DINO's per-epoch validation pass gives.
 Reported: the final epoch's top-1 / top-5 and, labelled "best_*", the best epoch's (DINO's
 printed figure is the best top-1). Epochs are numbered from 1. Percentages 0-100; top-5 is
-top-min(5, classes).
+top-min(5, classes). Val classes are mapped to train's by name (sslcli.eval.classes).
 
 Differences from DINO, on purpose: the avgpool vector is appended after the CLS tokens (DINO
 interleaves them per channel; for a freshly initialised linear layer this is only a permutation
@@ -44,7 +46,9 @@ from sslcli.data.datasets import ImageDataset, open_dataset
 from sslcli.data.transforms import eval_transform
 from sslcli.device import autocast
 from sslcli.errors import DataError, TrainingError, UsageError
+from sslcli.eval.classes import check_labels_seen, remap, val_label_map
 from sslcli.eval.features import TransformedImages, extract_features
+from sslcli.eval.probe import ProbeFeatures, describe_probe, resolve_probe
 from sslcli.eval.weights import WeightsInfo
 from sslcli.models.backbone import Backbone
 
@@ -52,46 +56,9 @@ PROTOCOLS = {False: "dino-linear", True: "fast-linear"}
 LR_REFERENCE_BATCH = 256
 INIT_STD = 0.01
 MOMENTUM = 0.9
-VIT_BASE_DIM = 768
 
 
-# ---------------------------------------------------------------- features
-
-
-def default_probe(backbone: Backbone) -> tuple[int, bool]:
-    """DINO's (n_last_blocks, avgpool): ViT with embed_dim < 768 (ViT-S, ViT-Ti) -> (4, False);
-    ViT-B and larger -> (1, True); CNN -> (1, False) (both are ignored for CNNs)."""
-    if not backbone.is_vit:
-        return 1, False
-    return (4, False) if backbone.embed_dim < VIT_BASE_DIM else (1, True)
-
-
-def probe_features(backbone: Backbone, x: Tensor, n_last_blocks: int, avgpool: bool) -> Tensor:
-    """Images [B, 3, H, W] -> probe features [B, F].
-
-    ViT: [cls_{L-n+1}, ..., cls_L] (+ mean of block L's patch tokens when avgpool), every block
-    output through the final norm, so F = embed_dim x (n_last_blocks + avgpool).
-    CNN: the pooled vector, F = embed_dim (n_last_blocks and avgpool are ignored).
-    Gradients are not disabled here; callers run it under torch.no_grad().
-    """
-    if not backbone.is_vit:
-        return backbone(x)
-    blocks = backbone.last_blocks(x, n_last_blocks)  # n x (cls [B, D], patch [B, N, D])
-    parts = [cls for cls, _ in blocks]
-    if avgpool:
-        parts.append(blocks[-1][1].mean(dim=1))
-    return torch.cat(parts, dim=1)
-
-
-class ProbeFeatures(nn.Module):
-    """`probe_features` as a module: images [B, 3, H, W] -> [B, F] (for extract_features)."""
-
-    def __init__(self, backbone: Backbone, n_last_blocks: int, avgpool: bool):
-        super().__init__()
-        self.backbone, self.n_last_blocks, self.avgpool = backbone, n_last_blocks, avgpool
-
-    def forward(self, x: Tensor) -> Tensor:
-        return probe_features(self.backbone, x, self.n_last_blocks, self.avgpool)
+# ---------------------------------------------------------------- augmentation
 
 
 def train_transform(crop_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
@@ -202,22 +169,6 @@ def _check_args(epochs: int, batch_size: int, lr: float, workers: int, image_siz
         raise UsageError(f"linear probe: image size must be a positive integer, got {image_size!r}")
 
 
-def resolve_probe(backbone: Backbone, n_last_blocks: int | None, avgpool: bool | None) -> tuple[int, bool]:
-    """(n_last_blocks, avgpool) with None -> default_probe's; UsageError when out of range or
-    when given for a CNN (which only has its pooled vector)."""
-    if not backbone.is_vit:
-        if n_last_blocks not in (None, 1) or avgpool:
-            raise UsageError(f"linear probe: n_last_blocks / avgpool apply to ViTs only; "
-                             f"'{backbone.arch}' gives its pooled vector")
-        return 1, False
-    default_n, default_avg = default_probe(backbone)
-    n = default_n if n_last_blocks is None else n_last_blocks
-    depth = len(backbone.model.blocks)
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= depth:
-        raise UsageError(f"linear probe: n_last_blocks must be in 1..{depth} for '{backbone.arch}', got {n!r}")
-    return n, default_avg if avgpool is None else bool(avgpool)
-
-
 def _open_labeled(spec: str, role: str) -> ImageDataset:
     """The dataset of `spec`; DataError when it is unlabeled (labels -1)."""
     ds = open_dataset(spec)
@@ -227,21 +178,6 @@ def _open_labeled(spec: str, role: str) -> ImageDataset:
         raise DataError(f"linear probe: the {role} dataset '{spec}' is unlabeled; the probe needs "
                         "class folders (ROOT/<class>/<image>)")
     return ds
-
-
-def _check_same_classes(train: ImageDataset, val: ImageDataset) -> None:
-    """DataError naming both folders when their class lists differ."""
-    if train.classes == val.classes:
-        return
-    only_train = sorted(set(train.classes) - set(val.classes))
-    only_val = sorted(set(val.classes) - set(train.classes))
-
-    def names(xs: list[str]) -> str:
-        return ", ".join(xs[:5]) + (f" (+{len(xs) - 5} more)" if len(xs) > 5 else "") if xs else "none"
-
-    raise DataError(f"linear probe: train '{train.name}' and val '{val.name}' have different classes "
-                    f"({len(train.classes)} vs {len(val.classes)}; only in train: {names(only_train)}; "
-                    f"only in val: {names(only_val)})")
 
 
 # ---------------------------------------------------------------- the protocol
@@ -254,20 +190,21 @@ def linear_probe(backbone: Backbone, info: WeightsInfo, train: str, val: str, de
                  on_epoch: Callable[[int, dict], None] | None = None) -> dict:
     """Train and score a linear classifier on the frozen backbone's probe features (module doc).
 
-    train / val: dataset specs (labelled folders or built-in names) with the same classes.
+    train / val: dataset specs (labelled folders or built-in names); val classes are mapped to
+    train's by name, a val class that train lacks is a DataError (sslcli.eval.classes).
     crop = image_size or info.image_size; images normalised with info.mean / info.std.
     on_epoch(epoch, stats) after every epoch (1-based), stats = {"epoch", "loss", "lr", "top1",
     "top5", "best_top1", "best_epoch"}.
 
     Returns {"protocol": "dino-linear" | "fast-linear", "top1", "top5" (final epoch), "best_top1",
-    "best_top5", "best_epoch", "epochs", "n_last_blocks", "avgpool", "feature_dim", "lr" (effective),
-    "batch_size", "num_classes", "image_size"}. Raises UsageError / DataError on bad input,
+    "best_top5", "best_epoch", "epochs", "n_last_blocks", "avgpool", "feature" (in words), "feature_dim",
+    "lr" (effective), "batch_size", "num_classes", "image_size", "n_train"}. Raises UsageError / DataError on bad input,
     TrainingError when the loss is not finite.
     """
     _check_args(epochs, batch_size, lr, workers, image_size)
-    n, avg = resolve_probe(backbone, n_last_blocks, avgpool)
+    n, avg = resolve_probe(backbone, n_last_blocks, avgpool, info.model_name())
     train_ds, val_ds = _open_labeled(train, "train"), _open_labeled(val, "val")
-    _check_same_classes(train_ds, val_ds)
+    val_map = val_label_map(train_ds.classes, val_ds.classes, train_ds.name, val_ds.name, "linear probe")
     device = torch.device(device)
     crop = image_size or info.image_size
     was_training = backbone.training
@@ -275,22 +212,23 @@ def linear_probe(backbone: Backbone, info: WeightsInfo, train: str, val: str, de
     try:
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(seed)  # CPU only: CUDA RNG is not forked
-            result = _run(features, train_ds, val_ds, device, crop, info, epochs, batch_size, lr, fast,
-                          workers, seed, on_epoch)
+            result = _run(features, train_ds, (val_ds, val_map), device, crop, info, epochs, batch_size, lr,
+                          fast, workers, seed, on_epoch)
     finally:
         backbone.train(was_training)
     return dict(result, protocol=PROTOCOLS[bool(fast)], epochs=epochs, n_last_blocks=n, avgpool=avg,
-                lr=scaled_lr(lr, batch_size), batch_size=batch_size, num_classes=len(train_ds.classes),
-                image_size=crop)
+                feature=describe_probe(backbone, n, avg), lr=scaled_lr(lr, batch_size), batch_size=batch_size,
+                num_classes=len(train_ds.classes), image_size=crop, n_train=len(train_ds))
 
 
-def _run(features: ProbeFeatures, train_ds: ImageDataset, val_ds: ImageDataset, device: torch.device,
-         crop: int, info: WeightsInfo, epochs: int, batch_size: int, lr: float, fast: bool, workers: int,
-         seed: int, on_epoch: Callable[[int, dict], None] | None) -> dict:
-    """Extract what is cached, build the batches of each epoch, fit -> the accuracy figures."""
+def _run(features: ProbeFeatures, train_ds: ImageDataset, val: tuple[ImageDataset, Tensor | None],
+         device: torch.device, crop: int, info: WeightsInfo, epochs: int, batch_size: int, lr: float, fast: bool,
+         workers: int, seed: int, on_epoch: Callable[[int, dict], None] | None) -> dict:
+    """Extract what is cached, build the batches of each epoch, fit -> the accuracy figures.
+    val = (dataset, its label map into train's classes or None)."""
     evaluation = eval_transform(crop, mean=info.mean, std=info.std)
-    val_x, val_y = extract_features(features, val_ds, evaluation, device, batch_size, workers)
-    val_x, val_y = _on_device(val_x, device), _on_device(val_y, device)
+    val_x, val_y = extract_features(features, val[0], evaluation, device, batch_size, workers)
+    val_x, val_y = _on_device(val_x, device), _on_device(remap(val_y, val[1]), device)
     shuffle = torch.Generator().manual_seed(seed)
     if fast:
         train_x, train_y = extract_features(features, train_ds, evaluation, device, batch_size, workers)
@@ -341,6 +279,7 @@ def linear_probe_features(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y
     _check_args(epochs, batch_size, lr, 0, None)
     if train_y.min() < 0 or val_y.min() < 0:
         raise DataError("the linear probe needs labeled features (labels >= 0)")
+    check_labels_seen(train_y, val_y, "linear probe")
     device = torch.device(device)
     num_classes = int(max(train_y.max(), val_y.max())) + 1
     train_x, train_y = _on_device(train_x, device), _on_device(train_y, device)
@@ -350,4 +289,4 @@ def linear_probe_features(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y
     result = _fit(linear, lr, batch_size, epochs,
                   lambda: _feature_batches(train_x, train_y, batch_size, shuffle, device), val, on_epoch)
     return dict(result, protocol=PROTOCOLS[True], epochs=epochs, lr=scaled_lr(lr, batch_size),
-                batch_size=batch_size, num_classes=num_classes, feature_dim=train_x.shape[1])
+                batch_size=batch_size, num_classes=num_classes, feature_dim=train_x.shape[1], n_train=len(train_y))

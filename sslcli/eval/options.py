@@ -18,6 +18,7 @@ from typing import Any
 from sslcli.config import KNN_KS, KNN_TEMPERATURE
 from sslcli.errors import ConfigError, hint
 from sslcli.eval.fewshot import METRICS
+from sslcli.eval.logreg import L2_GRID
 from sslcli.eval.pipelines import RETRIEVAL_DATASETS
 from sslcli.typed import from_dict
 
@@ -48,26 +49,45 @@ class KnnOptions:
         _require(self.temperature > 0, "knn.temperature", "> 0", self.temperature)
 
 
+LINEAR_PROTOCOLS = ("logreg", "dino")  # the first is the default
+DINO_ONLY = {"epochs": 100, "batch_size": 1024, "lr": 0.001}  # SGD settings, and their defaults
+
+
 @dataclass
 class LinearOptions:
-    """Linear probe (DINO protocol; `fast`: cached features, no augmentation)."""
+    """Linear probe. protocol `logreg` (default): L-BFGS logistic regression on cached features,
+    its L2 strength chosen on a held-out part of train (sslcli.eval.logreg); `dino`: DINO's SGD
+    recipe, the papers' linear rows (`fast`: on cached features, no augmentation)."""
 
     train: str | None = None
     val: str | None = None
-    train_features: str | None = None  # both feature files given: the fast protocol on them
+    train_features: str | None = None  # both feature files given: the probe runs on them
     val_features: str | None = None
-    epochs: int = 100
-    batch_size: int = 1024  # probe batch (CLI: --probe-batch-size)
-    lr: float = 0.001  # per 256 images
-    n_last_blocks: int | None = None  # ViT: concatenated CLS of the last n blocks (None: DINO's choice)
-    avgpool: bool | None = None  # also the mean patch token (None: DINO's choice)
-    fast: bool = False
-    seed: int = 0
+    protocol: str = LINEAR_PROTOCOLS[0]
+    l2: list[float] = field(default_factory=lambda: list(L2_GRID))  # logreg: strengths to choose from
+    epochs: int = DINO_ONLY["epochs"]  # dino only, as the two below
+    batch_size: int = DINO_ONLY["batch_size"]  # probe batch (CLI: --probe-batch-size)
+    lr: float = DINO_ONLY["lr"]  # per 256 images
+    n_last_blocks: int | None = None  # ViT: concatenated CLS of the last n blocks (None: DINO's rule)
+    avgpool: bool | None = None  # also the mean patch token (None: DINO's rule)
+    fast: bool = False  # dino: cached features; logreg always runs on cached features
+    seed: int = 0  # dino: init, shuffling, augmentation; logreg: the held-out split
 
     def __post_init__(self) -> None:
+        _one_of("linear.protocol", self.protocol, LINEAR_PROTOCOLS)
         _require(self.epochs >= 1, "linear.epochs", ">= 1", self.epochs)
         _require(self.batch_size >= 1, "linear.batch_size", ">= 1", self.batch_size)
         _require(self.lr > 0, "linear.lr", "> 0", self.lr)
+        _require(bool(self.l2) and all(v > 0 for v in self.l2), "linear.l2", "a list of numbers > 0", self.l2)
+        # a setting the chosen protocol does not read would be silently ignored: refuse it instead
+        if self.protocol == "logreg":
+            changed = [k for k, default in DINO_ONLY.items() if getattr(self, k) != default]
+            if changed:
+                raise ConfigError(f"{', '.join('linear.' + k for k in changed)} apply to protocol dino only "
+                                  "(logreg has no epochs, lr or batches); set protocol dino (--protocol dino) "
+                                  "to use them")
+        elif list(self.l2) != list(L2_GRID):
+            raise ConfigError("linear.l2 applies to protocol logreg only (dino trains without weight decay)")
 
 
 @dataclass

@@ -13,7 +13,11 @@ Choices the protocols leave open, made here:
   stored raw (the k-NN classifier L2-normalises).
 - few-shot: the square resize is round(crop * 257 / 224) px (257 for 224), bicubic (PIL, so
   antialiased when shrinking), aspect not kept.
-- unlabeled folders (label -1 everywhere) give labels None; ids = position (0..N-1) always.
+- unlabeled folders (label -1 everywhere) give labels None; ids = position (0..N-1) always;
+  labeled ones carry their class names as meta["classes"] (JSON list, index = label), which the
+  evals use to match val classes to train's by name (sslcli.eval.classes).
+- linear probe (logreg protocol): the k-NN preprocessing, and the probe features of
+  sslcli.eval.probe instead of the global feature.
 - retrieval: see `retrieval_features`.
 - with a cache dir, the folder index of sslcli.data.folder is kept there too (index-*.json); the
   dataset is indexed even on a cache hit (for the fingerprint); on_batch is not called on a hit.
@@ -22,6 +26,7 @@ Choices the protocols leave open, made here:
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,6 +46,7 @@ from sslcli.device import autocast
 from sslcli.errors import DataError, UsageError, hint
 from sslcli.eval.featurefiles import FeatureCache, FeatureSet, as_cache, data_id
 from sslcli.eval.features import extract_features
+from sslcli.eval.probe import ProbeFeatures
 from sslcli.eval.retrieval import load_gnd
 from sslcli.eval.weights import WeightsInfo
 
@@ -114,22 +120,28 @@ def _classify_features(protocol: str, backbone: nn.Module, info: WeightsInfo, da
                 "weights": str(info.path), "which": info.which, "arch": info.arch}
         return FeatureSet(feats, labels if ds.num_classes else None, torch.arange(len(ds)), meta)
 
-    return cache.features(info, data, preprocessing, compute)
+    fs = cache.features(info, data, preprocessing, compute)
+    if ds.num_classes:  # outside the cached meta, so entries written before this key have it too
+        fs.meta = {**fs.meta, "classes": json.dumps(list(ds.classes))}
+    return fs
 
 
 def knn_features(backbone: nn.Module, info: WeightsInfo, data: str, device: torch.device | str,
                  cache: FeatureCache | Path | None = None, image_size: int | None = None,
-                 batch_size: int = 256, workers: int = 4, on_batch: OnBatch = None) -> FeatureSet:
+                 batch_size: int = 256, workers: int = 4, on_batch: OnBatch = None,
+                 feature: str = "global") -> FeatureSet:
     """k-NN features of every image of `data` (folder or builtin spec) -> FeatureSet.
 
     Preprocessing: shorter side resized to knn_resize(crop) (bicubic), center-crop crop x crop,
     normalised with info.mean / info.std; crop = image_size or info.image_size. features [N, D]
     float32 (raw CLS / pooled, not normalised), labels [N] int64 (None for an unlabeled folder),
     ids = arange(N), meta {"protocol": "knn", "data", "crop", "weights", "which", "arch"}.
+    `feature` names what `backbone` returns when it is not the global feature (part of the cache
+    key, e.g. the audit's pooled patch grid).
     """
     crop = _crop_size(image_size, info)
     transform = eval_transform(crop, knn_resize(crop), info.mean, info.std)
-    prep = {"resize": f"shorter side {knn_resize(crop)}", "interpolation": "bicubic"}
+    prep = {"resize": f"shorter side {knn_resize(crop)}", "interpolation": "bicubic", "feature": feature}
     return _classify_features("knn", backbone, info, data, device, cache, crop, transform, prep,
                               batch_size, workers, on_batch)
 
@@ -147,6 +159,26 @@ def fewshot_features(backbone: nn.Module, info: WeightsInfo, data: str, device: 
     transform = fewshot_transform(crop, info.mean, info.std)
     prep = {"resize": f"square {fewshot_resize(crop)}", "interpolation": "bicubic"}
     return _classify_features("fewshot", backbone, info, data, device, cache, crop, transform, prep,
+                              batch_size, workers, on_batch)
+
+
+def linear_features(backbone: nn.Module, info: WeightsInfo, data: str, device: torch.device | str,
+                    n_last_blocks: int, avgpool: bool, cache: FeatureCache | Path | None = None,
+                    image_size: int | None = None, batch_size: int = 256, workers: int = 4,
+                    on_batch: OnBatch = None) -> FeatureSet:
+    """Linear-probe features (logreg protocol) of every image of `data` -> FeatureSet.
+
+    The k-NN preprocessing (the linear probe's evaluation transform), then probe_features with
+    (n_last_blocks, avgpool) as resolved by sslcli.eval.probe.resolve_probe: features [N, F]
+    float32 with F = D x (n + avgpool) for ViTs, D for CNNs; meta["protocol"] = "linear".
+    """
+    crop = _crop_size(image_size, info)
+    transform = eval_transform(crop, knn_resize(crop), info.mean, info.std)
+    prep = {"resize": f"shorter side {knn_resize(crop)}", "interpolation": "bicubic",
+            "feature": f"probe n_last_blocks={n_last_blocks} avgpool={avgpool}"}
+    # the wrapper takes the backbone's mode, which extract_features restores on both afterwards
+    features = ProbeFeatures(backbone, n_last_blocks, avgpool).train(backbone.training)
+    return _classify_features("linear", features, info, data, device, cache, crop, transform, prep,
                               batch_size, workers, on_batch)
 
 

@@ -3,7 +3,8 @@
 Suite file:
     evals:
       - {task: knn, train: /data/imagenet/train, val: /data/imagenet/val, k: [10, 20]}
-      - {task: linear, train: ..., val: ..., fast: true, epochs: 100}
+      - {task: linear, train: ..., val: ...}                   # logreg, the default protocol
+      - {task: linear, train: ..., val: ..., protocol: dino}   # DINO's recipe (the papers' rows)
       - {task: fewshot, data: /data/aircraft, ways: 5, shots: 5}
       - {task: davis, davis: /data/DAVIS, out_dir: preds/davis}
       - {task: retrieval, data: /data/revisitop, dataset: roxford5k, multiscale: true}
@@ -12,7 +13,10 @@ Each entry takes the fields of its task's options dataclass (sslcli.eval.options
 an input error (exit 2) naming the entry and the dotted key, e.g. 'knn.temperature'.
 Report: {"weights", "results": [one report per eval], "reported"} where `reported` is the
 preset's paper numbers when the weights come from a preset run; the Markdown table puts each
-headline figure beside the paper's number under the same key (knn, linear, ...).
+headline figure beside the paper's number under the same key (knn, linear, ...). A linear row names
+its protocol in the metric column ("top1 (logreg)"): the papers' linear numbers are DINO-protocol
+figures (protocol dino), so a logreg figure beside them is not a reproduction check. The reports'
+notes (small-data caveats) follow the table as a list.
 """
 
 from __future__ import annotations
@@ -64,11 +68,14 @@ def markdown_table(suite_report: dict) -> str:
     """| task | data | metric | value | paper |, one row per eval's headline figure."""
     lines = ["| task | data | metric | value | paper |", "|---|---|---|---|---|"]
     reported = suite_report.get("reported") or {}
+    notes = []
     for r in suite_report["results"]:
         key = HEADLINE[r["task"]]
         value = r["metrics"].get(key)
         paper = reported.get(r["task"], "")
         data = ", ".join(str(v) for k, v in r["data"].items() if k != "n" and not k.startswith("n_"))
         shown = f"{value:.2f}" if isinstance(value, float) else str(value)
-        lines.append(f"| {r['task']} | {data} | {key} | {shown} | {paper} |")
-    return "\n".join(lines) + "\n"
+        metric = f"{key} ({r['metrics']['protocol']})" if "protocol" in r["metrics"] else key
+        lines.append(f"| {r['task']} | {data} | {metric} | {shown} | {paper} |")
+        notes += [f"- {note}" for note in r.get("notes", [])]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"

@@ -23,6 +23,7 @@ from sslcli import runfiles
 from sslcli.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
 from sslcli.errors import CheckpointError, ConfigError
 from sslcli.models import Backbone, create_backbone
+from sslcli.typed import show
 
 @dataclass
 class WeightsInfo:
@@ -41,6 +42,13 @@ class WeightsInfo:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__, mean=list(self.mean), std=list(self.std))
+
+    def model_name(self) -> str:
+        """The model these weights hold, for messages: 'arch {key: value, ...}' (kwargs sorted), e.g.
+        'vit_small_patch16_224 {depth: 3, embed_dim: 96, ...}'; the arch alone without kwargs."""
+        if not self.kwargs:
+            return self.arch
+        return f"{self.arch} {{{', '.join(f'{k}: {show(v)}' for k, v in sorted(self.kwargs.items()))}}}"
 
 
 def read_weights_info(weights: str | Path, which: str = "teacher") -> tuple[WeightsInfo, Path, str]:
@@ -82,10 +90,10 @@ def load_backbone(weights: str | Path, which: str = "teacher",
         missing, unexpected = backbone.model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # mis-shaped tensors: weights of another size of the architecture
         shapes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
-        raise CheckpointError(f"weights '{path}' do not fit {info.arch} {info.kwargs or ''} "
+        raise CheckpointError(f"weights '{path}' do not fit {info.model_name()} "
                               f"({(shapes or [str(e)])[0]})") from None
     if missing or unexpected or not state:
-        raise CheckpointError(f"weights '{path}' do not fit {info.arch} (missing {list(missing)[:3]}, "
+        raise CheckpointError(f"weights '{path}' do not fit {info.model_name()} (missing {list(missing)[:3]}, "
                               f"unexpected {list(unexpected)[:3]})")
     backbone.requires_grad_(False)
     return backbone.eval().to(device), info
