@@ -28,6 +28,11 @@ run throughput-simdino-s16-multicrop python benchmarks/throughput.py --preset si
 run pretrain-simdino ssl pretrain --preset demo-simdino --device cuda --set train.epochs=2 --out "$out/run-simdino" --json
 run bootstrap python benchmarks/bootstrap.py --n 1281167 --dim 384 --window 10 --top-k 3 --batch 256
 run pretrain-adasim ssl pretrain --preset demo-adasim --device cuda --set train.epochs=3 --out "$out/run-adasim" --json
+# the audit's neighbour graph on the device (ImageNet projection from 100k and 200k images) and the
+# logistic-regression probe (L-BFGS) on the device, from the AdaSim run above
+run audit python benchmarks/audit.py --weights "$out/run-adasim" --out "$out/audit" --graph-sizes 100000,200000
+run logreg ssl eval linear --weights "$out/run-adasim" --train builtin:shapes:train --val builtin:shapes:val \
+    --device cuda --json
 if [ "$gpus" -ge 2 ]; then
   run pretrain-nccl ssl pretrain --preset demo --gpus 2 --set train.epochs=2 --out "$out/run-nccl" --json
 fi
