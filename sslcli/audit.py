@@ -99,6 +99,8 @@ def _check_request(req: AuditRequest) -> None:
     if (req.scan == "leakage") != (req.against is not None):
         raise UsageError("--scan leakage needs --against FOLDER (the images to check, e.g. val), and --against "
                          "applies to --scan leakage only")
+    if req.top is not None and req.top < 1:
+        raise UsageError(f"--top must be >= 1, got {req.top}")
     if req.k < 1 or req.grid < 1:
         raise UsageError(f"--k and --grid must be >= 1, got {req.k} and {req.grid}")
     if req.feature is not None and req.feature not in FEATURES:
@@ -129,7 +131,8 @@ def _feature_audit(req: AuditRequest, progress: Progress | None) -> tuple[Audit,
         if not 0 <= req.query < n:
             raise UsageError(f"query id {req.query} is out of range: image ids are 0..{n - 1}")
     feature = req.feature or DEFAULT_FEATURE["query" if req.query is not None else req.scan]
-    graph = build_graph(src, data, req.k, progress, None if req.query is None else [req.query], feature, req.grid)
+    k = max(req.k, req.top or 0)  # a query's --top may ask for more than --k neighbours
+    graph = build_graph(src, data, k, progress, None if req.query is None else [req.query], feature, req.grid)
     if req.query is not None:
         return Audit(query_graph(graph, req.query, req.top), None, "features"), graph.ds
     threshold = DEFAULT_THRESHOLD[req.scan] if req.threshold is None else req.threshold

@@ -32,6 +32,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -169,12 +170,14 @@ def scan_other_class(graph: Graph, threshold: float = DEFAULT_THRESHOLD["other-c
     nearest = graph.ids.gather(1, first[:, None]).squeeze(1)
     sim = graph.sims.gather(1, first[:, None]).squeeze(1)
     hit = (labels >= 0) & other.any(1) & (disagreement >= min_disagreement) & (sim >= threshold)
+    ids = torch.nonzero(hit).flatten().numpy()
+    order = ids[np.lexsort((ids, -sim.numpy()[ids], -disagreement.numpy()[ids]))]  # last key sorts first
     rows = []
-    for i in sorted(torch.nonzero(hit).flatten().tolist(), key=lambda i: (-float(disagreement[i]), -float(sim[i]), i)):
-        s = int(suggested[i])
-        rows.append({**describe(graph.ds, i, "query_"), **describe(graph.ds, int(nearest[i]), "neighbor_"),
-                     "similarity": float(sim[i]), "disagreement": float(disagreement[i]), "suggested_class": s,
-                     "suggested_class_name": graph.ds.classes[s] if s < len(graph.ds.classes) else None})
+    for i, j, s, d, c in zip(order.tolist(), nearest[order].tolist(), sim[order].tolist(),
+                             disagreement[order].tolist(), suggested[order].tolist()):
+        rows.append({**describe(graph.ds, i, "query_"), **describe(graph.ds, j, "neighbor_"), "similarity": s,
+                     "disagreement": d, "suggested_class": c,
+                     "suggested_class_name": graph.ds.classes[c] if c < len(graph.ds.classes) else None})
     return rows
 
 

@@ -20,12 +20,9 @@ def run_json(*args):
     return json.loads(result.stdout)
 
 
-@pytest.fixture(scope="module")
-def exported(tiny_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "tiny.safetensors"
-    result = runner.invoke(app, ["export", "--weights", str(tiny_run), "--out", str(out)])
-    assert result.exit_code == 0, result.stderr
-    return out
+@pytest.fixture
+def exported(tiny_export):
+    return tiny_export
 
 
 def test_knn_from_images_features_and_export_agree(tiny_run, exported, shapes_folder, shapes_val_folder, tmp_path):
