@@ -165,3 +165,13 @@ def test_init_from_refuses_resume_and_a_freeze_longer_than_the_run(export, shape
     long = runner.invoke(app, ["pretrain", "--preset", "demo", "--set", "train.epochs=2", "--set",
                                "train.freeze_backbone_epochs=3", "--dry-run"])
     assert long.exit_code == 2 and "train.freeze_backbone_epochs must not exceed train.epochs (2)" in long.stderr
+
+
+def test_a_bootstrapped_run_starts_from_weights(export, tiny_config, tmp_path):
+    cfg = tiny_config("train.epochs=2", "bootstrap.name=adasim", "bootstrap.window=1", "bootstrap.top_k=3",
+                      f"model.init_from={export}")
+    summary = pretrain(cfg, RunOptions(out=tmp_path / "ada", device="cpu"))
+    assert summary["init_from"]["kind"] == "export" and "bootstrap_ratio" in summary["bootstrap"]
+    exported, student = runfiles.read_tensors(export), backbone_state(tmp_path / "ada", "student")
+    assert student.keys() == exported.keys()  # epoch 1 frozen (the default), epoch 2 trained on from the export
+    assert not torch.equal(student["blocks.0.attn.qkv.weight"], exported["blocks.0.attn.qkv.weight"])
