@@ -156,6 +156,15 @@ def test_cli_scans_a_folder_with_an_export(tiny_export, folder, tmp_path):
     assert query.exit_code == 0, query.stderr
     assert "by cosine" in query.stdout and (tmp_path / "q.png").stat().st_size > 0
     assert max(map(len, query.stdout.splitlines())) <= 80  # readable in 80 columns (paths shortened)
+    table = runner.invoke(app, base + ["--scan", "leakage", "--against", str(folder / "val"), "--threshold", "0.5"])
+    lines = table.stdout.splitlines()
+    assert table.exit_code == 0 and max(map(len, lines)) <= 80
+    first = json.loads(leak.stdout)[0]  # ids and classes whole; the second path column makes way
+    assert any(f"│ {first['query']:>5} │" in line and first["query_class_name"] in line for line in lines)
+    assert "match path: --wide, --out or --json" in table.stdout
+    wide = runner.invoke(app, base + ["--scan", "leakage", "--against", str(folder / "val"), "--threshold", "0.5",
+                                      "--wide"])
+    assert first["neighbor_path"] in wide.stdout and first["query_path"] in wide.stdout
 
 
 def test_cli_refuses_inconsistent_flags(tiny_export, folder):

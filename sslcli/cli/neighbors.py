@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -17,11 +18,12 @@ from sslcli.eval.tasks import Source
 from sslcli.feature_audit import DEFAULT_GRID, DEFAULT_K, DEFAULT_MIN_DISAGREEMENT
 
 SHOWN = 50  # scan rows drawn in the table (--out / --json give all of them)
-PATH_WIDTH = {1: 34, 2: 20}  # characters per path column (by path columns per table) without --wide
+MIN_PATH = 16  # characters a path column needs to be worth showing without --wide
 CLASS_WIDTH = 14
+NUM, TEXT, PATH = "num", "text", "path"  # column kinds: numbers and classes are never cut, paths are
 
-# Columns per result kind: (header, row -> cell text, right-justified).
-Column = tuple[str, Callable[[dict], str], bool]
+# Columns per result kind: (header, row -> cell text, kind).
+Column = tuple[str, Callable[[dict], str], str]
 
 
 @exits_on_errors
@@ -101,51 +103,69 @@ def cls(row: dict, prefix: str) -> str:
 
 
 def render_query(result: dict, wide: bool) -> None:
-    q, window = result["query"], "p_win" in (result["neighbors"] or [{}])[0] or "tau" in result
-    width = None if wide else PATH_WIDTH[1]
+    q, window = result["query"], "tau" in result
     if window:
         title = (f"AdaSim neighbours of image {q['id']} ({cls(q, '')}): tau {result['tau']:g}, window "
                  f"{result['window']}, {result['epochs_done']} epochs done; decision: {result.get('decision') or '-'}")
-        score: list[Column] = [("p_win", lambda n: f"{n['p_win']:.4f}", True), ("m_win", lambda n: f"{n['m_win']:.3f}", True)]
+        score: list[Column] = [("p_win", lambda n: f"{n['p_win']:.4f}", NUM), ("m_win", lambda n: f"{n['m_win']:.3f}", NUM)]
     else:
         title = f"nearest images of {q['id']} ({cls(q, '')}) by cosine, k {result['k']}"
-        score = [("cosine", lambda n: f"{n['similarity']:.3f}", True)]
-    columns: list[Column] = [("id", lambda n: str(n["id"]), True), ("class", lambda n: cls(n, ""), False), *score,
-                             ("path", lambda n: short(n["path"], width), False),
-                             ("mark", lambda n: "query" if n["is_query"] else ("other class" if n["other_class"] else ""), False)]
-    draw(title, columns, result["neighbors"], caption=escape(f"query: {short(q['path'], None if wide else 60)}"))
+        score = [("cosine", lambda n: f"{n['similarity']:.3f}", NUM)]
+    columns: list[Column] = [("id", lambda n: str(n["id"]), NUM), ("class", lambda n: cls(n, ""), TEXT), *score,
+                             ("mark", lambda n: "query" if n["is_query"] else ("other class" if n["other_class"] else ""), TEXT),
+                             ("path", lambda n: n["path"], PATH)]
+    draw(title, columns, result["neighbors"], wide, caption=f"query: {short(q['path'], None if wide else 60)}")
     if window and result["epochs_done"] < result["window"]:
         stdout.print(f"note: {result['epochs_done']} of {result['window']} window epochs done; training still uses "
                      "standard pairs until the window is full")
 
 
 def render_scan(rows: list[dict], kind: str, matched: int | None, wide: bool) -> None:
-    two, one = (None, None) if wide else (PATH_WIDTH[2], PATH_WIDTH[1])
-    pair: list[Column] = [("query", lambda r: str(r["query"]), True), ("class", lambda r: cls(r, "query_"), False),
-                          ("neighbour", lambda r: str(r["neighbor"]), True), ("class", lambda r: cls(r, "neighbor_"), False)]
+    pair: list[Column] = [("query", lambda r: str(r["query"]), NUM), ("class", lambda r: cls(r, "query_"), TEXT),
+                          ("match", lambda r: str(r["neighbor"]), NUM), ("class", lambda r: cls(r, "neighbor_"), TEXT)]
     if kind == "duplicates":
-        columns: list[Column] = [("cluster", lambda r: str(r["cluster"]), True), ("a", lambda r: str(r["a"]), True),
-                                 ("b", lambda r: str(r["b"]), True), ("cosine", lambda r: f"{r['similarity']:.3f}", True),
-                                 ("a path", lambda r: short(r["a_path"], two), False),
-                                 ("b path", lambda r: short(r["b_path"], two), False)]
+        columns: list[Column] = [("cluster", lambda r: str(r["cluster"]), NUM), ("a", lambda r: str(r["a"]), NUM),
+                                 ("b", lambda r: str(r["b"]), NUM), ("cosine", lambda r: f"{r['similarity']:.3f}", NUM),
+                                 ("a path", lambda r: r["a_path"], PATH), ("b path", lambda r: r["b_path"], PATH)]
     elif "disagreement" in (rows or [{}])[0]:  # other-class on the feature graph
-        columns = [pair[0], pair[1], ("suggested", lambda r: short(r["suggested_class_name"] or str(r["suggested_class"]),
-                                                                   CLASS_WIDTH), False),
-                   ("disagree", lambda r: f"{r['disagreement']:.2f}", True), *pair[2:3],
-                   ("cosine", lambda r: f"{r['similarity']:.3f}", True), ("query path", lambda r: short(r["query_path"], one), False)]
+        columns = [*pair[:2], ("suggested", lambda r: short(r["suggested_class_name"] or str(r["suggested_class"]),
+                                                            CLASS_WIDTH), TEXT),
+                   ("disagree", lambda r: f"{r['disagreement']:.2f}", NUM), pair[2],
+                   ("cosine", lambda r: f"{r['similarity']:.3f}", NUM), ("query path", lambda r: r["query_path"], PATH)]
     else:  # the window's scans (p_win) and leakage (cosine)
-        score = ("p_win", lambda r: f"{r['p_win']:.4f}", True) if "p_win" in (rows or [{}])[0] else \
-            ("cosine", lambda r: f"{r['similarity']:.3f}", True)
-        columns = [*pair, score, ("query path", lambda r: short(r["query_path"], two), False),
-                   ("neighbour path", lambda r: short(r["neighbor_path"], two), False)]
+        score = ("p_win", lambda r: f"{r['p_win']:.4f}", NUM) if "p_win" in (rows or [{}])[0] else \
+            ("cosine", lambda r: f"{r['similarity']:.3f}", NUM)
+        columns = [*pair, score, ("query path", lambda r: r["query_path"], PATH),
+                   ("match path", lambda r: r["neighbor_path"], PATH)]
     caption = f"first {SHOWN} of {len(rows)} rows shown (--out FILE or --json for all)" if len(rows) > SHOWN else None
-    draw(f"scan {kind}: {matched} match", columns, rows[:SHOWN], caption)
+    draw(f"scan {kind}: {matched} match", columns, rows[:SHOWN], wide, caption)
 
 
-def draw(title: str, columns: list[Column], rows: list[dict], caption: str | None = None) -> None:
-    table = Table(title=escape(title), caption=caption, padding=(0, 1))
-    for header, _, right in columns:
-        table.add_column(header, justify="right" if right else "left", no_wrap=True)
-    for row in rows:
-        table.add_row(*(escape(cell(row)) for _, cell, _ in columns))
-    stdout.print(table)
+def draw(title: str, columns: list[Column], rows: list[dict], wide: bool, caption: str | None = None) -> None:
+    """A table whose ids, figures and classes are never cut: without --wide, the path columns share
+    what is left of the terminal (paths cut from the left), and trailing ones are dropped when
+    each would get fewer than MIN_PATH characters (--wide, --out or --json show them)."""
+    cells = [[cell(row) for _, cell, _ in columns] for row in rows]
+    widths = [max([len(header)] + [len(r[i]) for r in cells]) for i, (header, _, _) in enumerate(columns)]
+    paths = [i for i, (_, _, kind) in enumerate(columns) if kind == PATH]
+    path_width, dropped = None, []
+    while not wide and paths:
+        fixed = sum(w for i, w in enumerate(widths) if i not in paths) + 3 * (len(widths) - len(paths)) + 1
+        path_width = (stdout.width - fixed) // len(paths) - 3
+        if path_width >= MIN_PATH:
+            break
+        drop = paths.pop()
+        dropped.append(columns[drop][0])
+        columns, widths = columns[:drop] + columns[drop + 1:], widths[:drop] + widths[drop + 1:]
+        cells = [r[:drop] + r[drop + 1:] for r in cells]
+    if dropped:
+        caption = f"{caption + '; ' if caption else ''}{', '.join(reversed(dropped))}: --wide, --out or --json"
+    table = Table(title=escape(title), caption=escape(caption) if caption else None, padding=(0, 1))
+    for i, (header, _, kind) in enumerate(columns):
+        table.add_column(header, justify="right" if kind == NUM else "left", no_wrap=True,
+                         min_width=None if kind == PATH and not wide else widths[i])
+    for r in cells:
+        table.add_row(*(escape(short(text, path_width) if columns[i][2] == PATH else text) for i, text in enumerate(r)))
+    # --wide: as wide as the full paths need, even past the terminal (for less -S or a file)
+    full = sum(widths) + 3 * len(widths) + 1
+    (Console(width=full, highlight=False) if wide and full > stdout.width else stdout).print(table)
