@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from sslcli import runfiles
 from sslcli.contact_sheet import contact_sheet
-from sslcli.data.datasets import ImageDataset, open_dataset
+from sslcli.data.datasets import ImageDataset
 from sslcli.errors import UsageError, hint
 from sslcli.eval.tasks import Source
 from sslcli.feature_audit import (DEFAULT_FEATURE, DEFAULT_GRID, DEFAULT_K, DEFAULT_MIN_DISAGREEMENT, DEFAULT_THRESHOLD,
@@ -126,10 +126,6 @@ def _feature_audit(req: AuditRequest, progress: Progress | None) -> tuple[Audit,
     weights = str(resolve_weights_file(latest_run() if req.weights is None else req.weights))
     data = req.data or _run_data(weights)
     src = replace(req.source, weights=weights)
-    if req.query is not None:
-        n = len(open_dataset(data, cache_dir=src.cache))
-        if not 0 <= req.query < n:
-            raise UsageError(f"query id {req.query} is out of range: image ids are 0..{n - 1}")
     feature = req.feature or DEFAULT_FEATURE["query" if req.query is not None else req.scan]
     k = max(req.k, req.top or 0)  # a query's --top may ask for more than --k neighbours
     graph = build_graph(src, data, k, progress, None if req.query is None else [req.query], feature, req.grid)

@@ -105,6 +105,9 @@ def build_graph(src: Source, data: str, k: int = DEFAULT_K, progress: Progress |
     """The graph of every image, or of `rows` only (a --query needs one row of it; the other rows
     are then left zero)."""
     ds, features = embed(src, data, progress, feature, grid)
+    for q in rows or []:
+        if not 0 <= q < len(ds):
+            raise UsageError(f"query id {q} is out of range: image ids are 0..{len(ds) - 1}")
     device = src.torch_device()
     keys = features.to(device)
     if rows is None:

@@ -171,6 +171,8 @@ def test_cli_refuses_inconsistent_flags(tiny_export, folder):
     base = ["neighbors", "--weights", str(tiny_export), "--data", str(folder / "train")]
     missing = runner.invoke(app, base + ["--scan", "leakage"])
     assert missing.exit_code == 2 and "--scan leakage needs --against FOLDER" in missing.stderr
+    far = runner.invoke(app, base + ["--query", "100000", "--workers", "0"])
+    assert far.exit_code == 2 and "query id 100000 is out of range: image ids are 0..63" in far.stderr
     window = runner.invoke(app, base + ["--scan", "not-self"])
     assert window.exit_code == 2 and "not an sslcli training checkpoint" in window.stderr
 

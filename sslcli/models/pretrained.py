@@ -39,11 +39,11 @@ class InitWeights:
     state: dict[str, Tensor]  # timm keys
     path: Path
     kind: str  # "checkpoint" (its evaluated backbone), "export" or "timm" (a plain state dict)
-    sha256: str  # of the file
     arch: str = ""  # the timm name recorded in the file's header ("" for a plain state dict)
 
     def describe(self) -> dict[str, str]:
-        return {"path": str(self.path.resolve()), "kind": self.kind, "sha256": self.sha256}
+        """Path, kind and sha256 of the file (hashed here: only the process that records it pays)."""
+        return {"path": str(self.path.resolve()), "kind": self.kind, "sha256": file_sha256(self.path)}
 
 
 def read_init_weights(source: str | Path) -> InitWeights:
@@ -59,7 +59,7 @@ def read_init_weights(source: str | Path) -> InitWeights:
     if not state:
         raise CheckpointError(f"--init-from '{path}' holds no backbone tensors")
     label = {runfiles.TRAIN_FORMAT: "checkpoint", runfiles.EXPORT_FORMAT: "export"}.get(kind, "timm")
-    return InitWeights(state, path, label, file_sha256(path), arch)
+    return InitWeights(state, path, label, arch)
 
 
 def file_sha256(path: Path, chunk: int = 1 << 24) -> str:

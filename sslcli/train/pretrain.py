@@ -173,7 +173,8 @@ def _train(cfg: Config, opts: RunOptions, env: DistEnv, reporter: Reporter,
     elif cfg.model.init_from:
         init = trainer.init_backbones(cfg.model.init_from)
         if env.is_main:  # kept for the summaries of later invocations (--resume does not read the file again)
-            runfiles.atomic_write_text(opts.out / runfiles.INIT_FILE, json.dumps(init, indent=2) + "\n", what="init record")
+            record = json.dumps(init.describe(), indent=2) + "\n"
+            runfiles.atomic_write_text(opts.out / runfiles.INIT_FILE, record, what="init record")
     knn = _read_knn_history(opts.out) if opts.resume else {}
     trainer.fit(opts.resume, knn)
     summary = _summary(cfg, env, trainer.state, knn, time.time() - started, len(dataset))

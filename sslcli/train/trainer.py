@@ -299,13 +299,12 @@ class Trainer:
             time.strftime("%Y-%m-%dT%H:%M:%S"), m.backbone_prefix(m.evaluated_backbone),
             m.backbone_prefix(m.student_backbone), self.state.steps_per_epoch)
 
-    def init_backbones(self, source: str) -> dict[str, str]:
-        """model.init_from (every rank reads the file); returns its description for the summary."""
+    def init_backbones(self, source: str) -> InitWeights:
+        """model.init_from (every rank reads the file); returns what was read, for the record."""
         init = read_init_weights(source)
         notes = init_backbones(self.method, init)
-        log.info("backbones initialised from %s (%s, sha256 %s)%s", init.path, init.kind, init.sha256[:12],
-                 "".join(f"; {n}" for n in notes))
-        return init.describe()
+        log.info("backbones initialised from %s (%s)%s", init.path, init.kind, "".join(f"; {n}" for n in notes))
+        return init
 
     def restore(self, path: Path) -> None:
         saved, header = ckpt.load_training_state(path)
