@@ -180,6 +180,8 @@ class SOVEConfig:
     representation: Literal["cls", "mean_patch"] = "cls"  # the global token the [CLS] task uses
     cls_weight: float = 1.0  # lambda_1
     mim_weight: float = 1.0  # lambda_2 (0: no masked modelling)
+    # KoLeo on the student's head output of each global view (the authors' code's option, 0 there)
+    koleo_weight: float = 0.0
     momentum_teacher: float = 0.996
     momentum_teacher_end: float = 1.0
     self_distillation: bool = True
@@ -187,7 +189,7 @@ class SOVEConfig:
     def checks(self) -> list[Check]:
         return _teacher_checks(self) + field_checks(self, "method.", {
             "out_dim hidden_dim student_temp teacher_temp": POSITIVE, "head_layers cls_tasks patch_tasks": AT_LEAST_1,
-            "cls_weight mim_weight": NON_NEGATIVE, "anchor_weight": UNIT_OPEN_LOW}) + [
+            "cls_weight mim_weight koleo_weight": NON_NEGATIVE, "anchor_weight": UNIT_OPEN_LOW}) + [
             (0 < self.cls_anchors < self.cls_memory, "method.cls_anchors must be in 1..cls_memory - 1, got "
              f"{self.cls_anchors} (cls_memory {self.cls_memory})"),
             (0 <= self.judges < self.cls_memory - self.cls_anchors,

@@ -131,6 +131,32 @@ def test_method_step_fills_memories_and_resumes_its_draws():
     assert other.draw_seed == method.draw_seed
 
 
+
+def test_koleo_term_spreads_the_students_global_outputs():
+    """method.koleo_weight adds w * mean over global views of KoLeo(student head CLS output):
+    the same draws and masks give exactly that difference, and the term is the one computed on
+    the student's own outputs."""
+    from sslcli.losses import koleo_loss
+
+    vit = ModelConfig(arch="vit_small_patch16_224", drop_path_rate=0.0,
+                      kwargs={"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2})
+    g = torch.Generator().manual_seed(0)
+    batch = Batch.from_views([torch.randn(6, 3, 16, 16, generator=g) for _ in range(2)])
+    batch.masks = torch.rand(2, 6, 16, generator=g) < 0.4
+    losses = {}
+    for w in (0.0, 0.5):
+        torch.manual_seed(0)
+        method = build_method(vit, SOVEConfig(out_dim=16, hidden_dim=32, cls_memory=64, patch_memory=32,
+                                              cls_anchors=8, judges=3, patch_anchors=8, koleo_weight=w), 2, 3)
+        losses[w] = method.loss(batch, StepContext(0, 0))
+    koleo = losses[0.5].terms["koleo"]
+    assert "koleo" not in losses[0.0].terms
+    assert torch.allclose(losses[0.5].loss - losses[0.0].loss, 0.5 * koleo, atol=1e-6)
+    with torch.no_grad():
+        cls_out, _, _ = method.student(batch.global_views, [], batch.masks, True)  # (B, d) per global view
+    assert torch.allclose(koleo, (koleo_loss(cls_out[0]) + koleo_loss(cls_out[1])) / 2, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 SOVE_RUN = ["method.name=sove", "method.out_dim=16", "method.hidden_dim=32", "method.cls_memory=64",

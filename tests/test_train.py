@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from sslcli import runs
@@ -97,6 +98,30 @@ def test_knn_monitor_logs_initial_periodic_and_final(tiny_config, shapes_folder,
     assert all(0.0 <= v <= 100.0 for v in summary["knn_top1"].values())
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines if "knn_top1" in r] == [0, 1, 2]
+
+
+
+def test_knn_monitor_cache_equals_streaming_the_splits(tiny_config, shapes_folder, shapes_val_folder, monkeypatch):
+    """Small splits are preprocessed once and reused; the accuracy equals the streamed path's, and
+    a changed backbone changes it (the cache holds images, not features)."""
+    from sslcli.eval import monitor as monitor_module
+    from sslcli.methods import build_method
+
+    cfg = tiny_config(f"monitor.knn_train={shapes_folder}", f"monitor.knn_val={shapes_val_folder}", "monitor.knn_k=5")
+    torch.manual_seed(0)
+    backbone = build_method(cfg.model, cfg.method, 1, 1).evaluated_backbone
+    cached = KnnMonitor(cfg.monitor, cfg.data, cfg.data.path, torch.device("cpu"), workers=0)
+    first = cached.evaluate(backbone)
+    assert all(v is not None for v in cached._inputs.values()) and len(cached._inputs) == 2
+    monkeypatch.setattr(monitor_module, "CACHE_BYTES", 0)
+    streamed = KnnMonitor(cfg.monitor, cfg.data, cfg.data.path, torch.device("cpu"), workers=0)
+    assert streamed.evaluate(backbone) == first == cached.evaluate(backbone)
+    assert all(v is None for v in streamed._inputs.values())
+    train_x, _ = cached._features(backbone, cached.train)
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.add_(torch.randn_like(p))
+    assert not torch.allclose(cached._features(backbone, cached.train)[0], train_x)
 
 
 def test_knn_monitor_needs_labeled_splits_for_folders(tiny_config, tmp_path):

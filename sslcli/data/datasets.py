@@ -7,6 +7,8 @@ sslcli.data.folder) or a built-in name: `builtin:shapes` (= `builtin:shapes:trai
 
 from __future__ import annotations
 
+import functools
+
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +17,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from sslcli.data.builtin import make_shapes
+from sslcli.data.builtin import SPLITS, make_shapes
 from sslcli.data.decode import Source, read_source, to_rgb
 from sslcli.data.folder import scan_image_folder
 from sslcli.errors import DataError, hint
@@ -94,6 +96,13 @@ class ImageDataset(Dataset):
         return f"ImageDataset({self.name!r}, images={len(self)}, classes={self.num_classes})"
 
 
+@functools.lru_cache(maxsize=len(SPLITS))
+def _shapes_split(split: str) -> tuple[list, list[int], list[str]]:
+    """make_shapes(split), generated once per process: a run opens builtin:shapes for training and
+    its train split again for the k-NN monitor (the PIL images are never modified in place)."""
+    return make_shapes(split)
+
+
 def _open_builtin(spec: str) -> ImageDataset:
     """`builtin:shapes[:train|:val]` -> an in-memory dataset (seed 0, 64 px)."""
     if spec not in BUILTIN_SPECS:
@@ -101,7 +110,7 @@ def _open_builtin(spec: str) -> ImageDataset:
         raise DataError(f"unknown built-in dataset '{spec}'{near}")
     parts = spec.split(":")
     split = parts[2] if len(parts) > 2 else "train"
-    images, labels, classes = make_shapes(split)
+    images, labels, classes = _shapes_split(split)
     name = f"builtin:shapes:{split}"
     paths = [f"{name}/{i:06d}" for i in range(len(images))]
     return ImageDataset(name, paths, np.asarray(labels, dtype=np.int64), classes, images=images)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Callable
 
 import torch
@@ -42,11 +43,19 @@ def extract_features(backbone: nn.Module, images, transform: Callable, device: t
     """
     loader = DataLoader(TransformedImages(images, transform), batch_size=batch_size, shuffle=False,
                         num_workers=workers, pin_memory=device.type == "cuda")
+    return embed_batches(backbone, loader, device, on_batch)
+
+
+@torch.no_grad()
+def embed_batches(backbone: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device,
+                  on_batch: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor]:
+    """(images [b, 3, S, S], labels [b]) batches -> (features [N, D] float32 on CPU, labels [N]);
+    the backbone in eval mode (restored afterwards), under `sslcli.device.autocast`."""
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []
     try:
-        for x, y in loader:
+        for x, y in batches:
             with autocast(device):
                 f = backbone(x.to(device, non_blocking=True))
             feats.append(f.float().cpu())

