@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One pass over every GPU path, for a machine with CUDA GPUs (prints JSON lines and a summary):
 # bf16 + fused AdamW training steps, the device colour augmentation, the bootstrap cache on the
-# device, torch.compile, and NCCL with --gpus. Usage: bash benchmarks/gpu_check.sh [OUT_DIR]
+# device, torch.compile, SOVE's judge cost, and NCCL with --gpus. Usage: bash benchmarks/gpu_check.sh [OUT_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-gpu-check}"
@@ -25,6 +25,10 @@ run throughput-dino-s16-multicrop python benchmarks/throughput.py --preset dino-
     --set optim.batch_size=128 --set train.workers=8 --steps 20 --warmup 5
 run throughput-simdino-s16-multicrop python benchmarks/throughput.py --preset simdino-vits16 --data builtin:shapes \
     --set optim.batch_size=128 --set train.workers=8 --steps 20 --warmup 5
+# SOVE's judge search and soft-label products: their share of a ViT-S/16 step (memory 65,536, 8192 anchors)
+run throughput-sove-s16-multicrop python benchmarks/throughput.py --preset sove-vits16 --data builtin:shapes \
+    --set optim.batch_size=128 --set train.workers=8 --steps 20 --warmup 5 --profile
+run pretrain-sove ssl pretrain --preset demo-sove --device cuda --set train.epochs=2 --out "$out/run-sove" --json
 run pretrain-simdino ssl pretrain --preset demo-simdino --device cuda --set train.epochs=2 --out "$out/run-simdino" --json
 run bootstrap python benchmarks/bootstrap.py --n 1281167 --dim 384 --window 10 --top-k 3 --batch 256
 run pretrain-adasim ssl pretrain --preset demo-adasim --device cuda --set train.epochs=3 --out "$out/run-adasim" --json
