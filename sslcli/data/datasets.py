@@ -8,7 +8,6 @@ sslcli.data.folder) or a built-in name: `builtin:shapes` (= `builtin:shapes:trai
 from __future__ import annotations
 
 import functools
-
 import logging
 from collections.abc import Sequence
 from pathlib import Path

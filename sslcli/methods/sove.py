@@ -17,7 +17,8 @@ size, the write wraps around).
     own only judge; sslcli.losses.sove_patch_loss on the masked positions of each global view.
   loss = cls_weight * L_cls + mim_weight * L_mim (+ koleo_weight * KoLeo: the authors' code has
   the option, weight 0 there; the mean over the global views of koleo_loss of the student's
-  head output; it keeps a small run's memory from filling with near-identical embeddings).
+  head output on this process's batch, as there; it keeps a small run's memory from filling
+  with near-identical embeddings).
 The random draws come from a generator seeded with (a seed drawn once from the run's seed, the
 step): the same on every process and after a resume. Teacher momentum cosine 0.996 -> 1.
 
