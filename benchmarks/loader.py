@@ -3,14 +3,15 @@
     python benchmarks/loader.py                                   # 400 JPEGs, default workers
     python benchmarks/loader.py --images 200 --batches 6 --warmup 2 --workers 1   # 2-core CPU
     python benchmarks/loader.py --data /data/imagenet/train --workers 10 --device cuda
-    python benchmarks/loader.py --settings demo --batches 20      # the demo preset alone
+    python benchmarks/loader.py --settings demo,demo-multicrop --batches 20   # the demo presets alone
 
 Settings: dino2 = preset dino2-vits16 (2x224), multicrop = preset dino-vits16 (2x224 + 10x96),
 both on a temporary ImageFolder of generated 500x375 JPEGs (10 classes, smooth random content,
-quality 90) or on `--data`; demo = the demo preset's crops (2x32 + 2x16) on builtin:shapes.
+quality 90) or on `--data`; demo = the demo preset's crops (2x32) and demo-multicrop its
+multi-crop variant's (2x32 + 2x16), on builtin:shapes.
 Modes: worker = the whole PIL chain in the loader workers (float32 crops); device = workers crop
 and flip (uint8 crops + colour parameters), then `batch.to(device).colour(mean, std)` in the
-main process; device-decode = `data.decode_on: device`: workers read JPEG bytes and draw boxes,
+main process (on `--device cpu` the workers run the batched colour chain too, as `ssl pretrain` does); device-decode = `data.decode_on: device`: workers read JPEG bytes and draw boxes,
 flips and colour parameters from the header size, then `batch.decode(device)` (one batched
 decode_jpeg, resized_crop per view) `.to(device).colour(mean, std)`. On `--device cpu` the
 device-decode mode still decodes in the main process on the CPU (training would fall back to worker
@@ -44,7 +45,8 @@ from sslcli.train.distributed import DistEnv, set_cpu_threads
 
 SETTINGS = {"dino2": ("dino2-vits16", ["data.local_crops=0"]),
             "multicrop": ("dino-vits16", ["data.local_crops=10"]),
-            "demo": ("demo", [])}
+            "demo": ("demo", []), "demo-multicrop": ("demo-multicrop", [])}
+ON_BUILTIN = {"demo", "demo-multicrop"}  # settings that read their preset's builtin:shapes, not JPEGs
 MODES = ("worker", "device", "device-decode")
 
 
@@ -89,7 +91,7 @@ def repeated(ds: ImageDataset, n: int) -> ImageDataset:
 def measure(dataset: ImageDataset, cfg, args, workers: int, device: torch.device) -> tuple[float, float]:
     """(seconds for `args.batches` batches after `args.warmup`, delivered as float views on `device`;
     of which seconds spent waiting for the loader: the rest is the main process's decode() + to() +
-    colour()). decode_on: device is applied on any device here (decode_on_cpu)."""
+    colour(), where they have work left: on a CPU the workers colour). decode_on: device is applied on any device here (decode_on_cpu)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     loader, _ = build_train_loader(dataset, cfg.data, args.batch_size, 0, 1, cfg.train.seed, workers,
                                    device.type == "cuda", device=device, decode_on_cpu=True)
@@ -122,7 +124,7 @@ def main() -> None:
         folder = args.data
         if args.data:
             result["data"] = {"folder": args.data}
-        elif set(args.settings.split(",")) - {"demo"}:
+        elif set(args.settings.split(",")) - ON_BUILTIN:
             folder, t0 = str(Path(tmp) / "train"), time.perf_counter()
             write_jpegs(Path(folder), args.images)
             result["data"] = {"generated_jpegs": args.images, "size": "500x375",
@@ -130,7 +132,7 @@ def main() -> None:
         for setting in args.settings.split(","):
             preset, overrides = SETTINGS[setting]
             cfg = load_config(preset, overrides=overrides)
-            dataset = open_dataset(cfg.data.path if setting == "demo" else folder)
+            dataset = open_dataset(cfg.data.path if setting in ON_BUILTIN else folder)
             dataset = repeated(dataset, need)
             workers = cfg.train.workers if args.workers is None else args.workers
             threads = set_cpu_threads(DistEnv(0, 1, 0, device), workers)  # as `ssl pretrain` does

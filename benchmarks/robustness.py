@@ -4,8 +4,8 @@
     python benchmarks/robustness.py --epochs 4 --methods simdino --axes eps2,lr
     python benchmarks/robustness.py --data my/folder --knn-train my/train --knn-val my/val
 
-Each method starts from its demo preset (`demo` for DINO, `demo-simdino` for SimDINO: the same
-tiny ViT, crops, data and optimiser) and varies one setting at a time over three values around
+Each method starts from its demo preset (`demo-multicrop` for DINO, `demo-simdino` for SimDINO: the
+same tiny ViT, crops, data and optimiser) and varies one setting at a time over three values around
 the demo's, the others staying at the demo's:
   momentum   method.momentum_teacher           0.9 / 0.97 / 0.996    (both methods)
   temp       method.(warmup_)teacher_temp      0.015 / 0.03 / 0.06   (DINO)
@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-PRESETS = {"dino": "demo", "simdino": "demo-simdino"}
+PRESETS = {"dino": "demo-multicrop", "simdino": "demo-simdino"}
 AXES = {  # name -> (methods it applies to, values, --set keys the value is written to)
     "momentum": (("dino", "simdino"), (0.9, 0.97, 0.996), ("method.momentum_teacher",)),
     "temp": (("dino",), (0.015, 0.03, 0.06), ("method.teacher_temp", "method.warmup_teacher_temp")),

@@ -117,7 +117,7 @@ def main() -> None:
         for batch in loader:
             batch = batch.decode(device).to(device)  # decode: data.decode_on: device on CUDA, else a no-op
             fetched = time.perf_counter()
-            batch = batch.colour(cfg.data.mean, cfg.data.std)  # device augmentation counts as compute
+            batch = batch.colour(cfg.data.mean, cfg.data.std)  # on a GPU: compute; on a CPU the workers colour
             train_step(method, optimizer, batch, StepContext(0, step), 1e-4, 0.04, cfg.optim, cfg.train.precision)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

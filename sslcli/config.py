@@ -91,7 +91,8 @@ class DataConfig:
     local_crops_scale: tuple[float, float] = (0.05, 0.4)
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # RandomResizedCrop: DINO bicubic, SimSiam bilinear
     # device: workers crop and flip (uint8 out) and draw the colour parameters, the colour chain runs
-    # batched on the training device; worker: the whole chain in PIL in the workers (the reference).
+    # batched on the training device (a CPU: in the workers, after collating); worker: the whole chain in
+    # PIL in the workers (the reference).
     augment_on: Literal["device", "worker"] = "device"
     # device: with augment_on device on CUDA, workers ship JPEG bytes + crop boxes and the batch is decoded
     # (nvJPEG), cropped and resized on the training device; worker: workers decode with PIL. CPU runs: worker.

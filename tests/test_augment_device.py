@@ -131,3 +131,62 @@ def test_colour_is_a_no_op_for_augmented_batches():
     out = coloured.colour((0.5,) * 3, (0.5,) * 3)
     assert out.photometric is None and out.views[0].dtype == torch.float32
     assert torch.equal(out.views[0], apply_photometric(uint8, PhotometricParams.identity(2), (0.5,) * 3, (0.5,) * 3))
+
+
+def _tensors_in(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return 1
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensors_in(o) for o in obj)
+    return 0
+
+
+def test_batch_crosses_processes_as_a_few_packed_tensors_and_comes_back_equal(shapes_folder):
+    """A worker's batch is pickled into 4 tensors + the masks (not one per view, field and id
+    column: 41 for the demo's 4 views), and unpickles to an equal Batch, dtypes included."""
+    import pickle
+
+    from sslcli.data.datasets import open_dataset
+
+    trainset = TrainSet(open_dataset(str(shapes_folder)), MultiCropGeometry(CROPS), base_seed=3)
+    batch = collate_views([trainset[(1, i)] for i in (4, 0, 6)])
+    batch = dataclasses.replace(batch, masks=torch.rand(2, 3, 9) < 0.5, second_ids=torch.tensor([4, 2, 6]))
+    _, args = batch.__reduce__()
+    assert _tensors_in(args) == 5
+    back = pickle.loads(pickle.dumps(batch))
+    for f in dataclasses.fields(Batch):
+        mine, theirs = getattr(batch, f.name), getattr(back, f.name)
+        if f.name == "photometric":
+            for p, q in zip(mine, theirs, strict=True):
+                for g in dataclasses.fields(p):
+                    a, b = getattr(p, g.name), getattr(q, g.name)
+                    assert a.dtype == b.dtype and torch.equal(a, b), g.name
+        elif isinstance(mine, list):
+            assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
+        elif isinstance(mine, torch.Tensor):
+            assert mine.dtype == theirs.dtype and torch.equal(mine, theirs), f.name
+        else:
+            assert mine == theirs, f.name
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_training_on_a_cpu_the_workers_colour_the_batch(shapes_folder, workers):
+    """device="cpu": the batch arrives coloured (float32 views, no parameters left), equal to the
+    uint8 batch that a GPU run would receive, coloured afterwards."""
+    from sslcli.data.datasets import open_dataset
+    from sslcli.data.loader import build_train_loader
+
+    dataset = open_dataset(str(shapes_folder))
+
+    def first_batch(device):
+        loader, _ = build_train_loader(dataset, CROPS, 8, 0, 1, seed=5, workers=workers, pin_memory=False,
+                                       device=device)
+        return next(iter(loader))
+
+    coloured, raw = first_batch("cpu"), first_batch(None)
+    assert coloured.photometric is None and all(v.dtype == torch.float32 for v in coloured.views)
+    assert raw.photometric is not None and all(v.dtype == torch.uint8 for v in raw.views)
+    expected = raw.colour(CROPS.mean, CROPS.std)
+    assert torch.equal(coloured.ids, raw.ids)
+    for got, want in zip(coloured.views, expected.views, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -143,7 +143,7 @@ def test_cpu_training_keeps_decoding_in_the_workers(folder, monkeypatch, caplog)
     assert sum("decode_on=device is ignored" in r.getMessage() for r in caplog.records) == 1  # once
     assert isinstance(loader.dataset.transform, MultiCropGeometry)
     batch = next(iter(loader))
-    assert batch.encoded is None and batch.views[0].dtype == torch.uint8
+    assert batch.encoded is None and batch.views[0].dtype == torch.float32  # decoded and coloured in the workers
     assert batch.decode("cpu") is batch  # a no-op, so the trainer calls it unconditionally
     forced, _ = build_train_loader(dataset, CROPS, 4, 0, 1, seed=0, workers=0, pin_memory=False, device="cpu",
                                    decode_on_cpu=True)  # benchmarks/loader.py's device-decode mode

@@ -22,7 +22,9 @@ class RichReporter:
             TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
             TextColumn("{task.fields[ips]} img/s"), TextColumn("wait {task.fields[wait]}"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[epoch_info]}"),
-            console=stderr, transient=False)
+            # 2 redraws/s, not rich's 10: the figures change every train.log_every steps, and each redraw
+            # holds the GIL (~1.6 ms on a terminal) while the training thread needs it to launch its ops
+            console=stderr, transient=False, refresh_per_second=2)
         self.task = None
         self.steps_per_epoch = 1
 

@@ -42,6 +42,10 @@ SOLARIZE_THRESHOLD = 128 / 255
 CPU_CHUNK_PIXELS = 1 << 18  # on CPU, apply_photometric works on this many pixels per image plane at a time
 
 
+# PhotometricParams.pack's columns after the four of `order`
+PACKED_SCALARS = ("brightness", "contrast", "saturation", "hue", "grayscale", "blur_sigma", "solarize")
+
+
 @dataclass
 class PhotometricParams:
     """Per-image parameters of one view for B images (all tensors on one device)."""
@@ -84,6 +88,20 @@ class PhotometricParams:
                    saturation=col("saturation", torch.float32), hue=col("hue", torch.float32),
                    grayscale=col("grayscale", torch.bool), blur_sigma=col("blur_sigma", torch.float32),
                    solarize=col("solarize", torch.bool))
+
+    def pack(self) -> Tensor:
+        """float32 [B, 11]: order (4 columns), brightness, contrast, saturation, hue, grayscale,
+        blur_sigma, solarize; every value is exact in float32 (`unpack` restores the dtypes)."""
+        columns = [self.order.float(), *(getattr(self, k).float().unsqueeze(1) for k in PACKED_SCALARS)]
+        return torch.cat(columns, dim=1)
+
+    @classmethod
+    def unpack(cls, packed: Tensor) -> PhotometricParams:
+        """The inverse of `pack`: float32 [B, 11] -> PhotometricParams (columns as views/casts)."""
+        scalars = {k: packed[:, 4 + i] for i, k in enumerate(PACKED_SCALARS)}
+        for k in ("grayscale", "solarize"):
+            scalars[k] = scalars[k] > 0.5
+        return cls(order=packed[:, :4].long(), **scalars)
 
     @classmethod
     def identity(cls, b: int, device: torch.device | str | None = None) -> PhotometricParams:
