@@ -122,6 +122,23 @@ def test_vit_token_init_follows_dino():
     assert 0.015 < dino.pos_embed.std().item() < 0.025
 
 
+def test_math_attention_is_the_same_function_as_the_fused_kernel():
+    """model.attention: math computes timm's attention as matrix products: the same features up to
+    rounding, and the flag reaches every attention layer."""
+    cfg = ModelConfig(drop_path_rate=0.0, kwargs=dict(img_size=32, patch_size=8, embed_dim=96, depth=2, num_heads=3))
+    fused = create_backbone(cfg).eval()
+    math = create_backbone(ModelConfig(**{**cfg.__dict__, "attention": "math"})).eval()
+    math.load_state_dict(fused.state_dict())
+    layers = [m for m in math.model.modules() if hasattr(m, "fused_attn")]
+    assert len(layers) == 2 and not any(m.fused_attn for m in layers)
+    assert all(m.fused_attn for m in fused.model.modules() if hasattr(m, "fused_attn"))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        a, b = fused.forward_tokens(x), math.forward_tokens(x)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+
+
 def test_masked_forward_uses_the_mask_token_outside_the_timm_model():
     bb = create_backbone(TINY_VIT, mask_token=True).eval()
     assert "mask_token" in dict(bb.named_parameters()) and "mask_token" not in bb.model.state_dict()

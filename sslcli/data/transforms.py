@@ -2,24 +2,26 @@
 
 DINO's multi-crop recipe (docs/methods.md, "Multi-crop augmentation"). Randomness comes only
 from Python's `random` (blur, solarize) and torch's global CPU generator (crop, flip, jitter,
-grayscale, via torchvision), so seeding both before a call reproduces its crops exactly.
+grayscale: torchvision's draws, which the device path's GeometryView makes with the same calls in
+the same order), so seeding both before a call reproduces its crops exactly.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
-from torchvision.transforms import functional as TF
 from torchvision.transforms import InterpolationMode
 
 from sslcli.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 
 BICUBIC = InterpolationMode.BICUBIC
 INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+PIL_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
 class GaussianBlur:
@@ -116,10 +118,66 @@ Box = tuple[int, int, int, int]  # (top, left, height, width) of a crop, in pixe
 ViewDraw = tuple[Box, bool, dict]  # (crop box, horizontal flip, photometric parameters) of one view
 
 
-def _dims(width: int, height: int) -> torch.Tensor:
-    """A stand-in image [1, height, width] with one element of storage: RandomResizedCrop.get_params
-    reads only an image's dimensions, so the draws need the size (e.g. from a JPEG header), not pixels."""
-    return torch.empty(1).expand(1, height, width)
+def float32(p: float) -> float:
+    """p rounded to float32: torch compares `torch.rand(1) < p` in float32, so comparing the drawn
+    float against this value (exactly representable in a double) decides exactly as torch does."""
+    return torch.tensor(p, dtype=torch.float32).item()
+
+
+class TorchDraws:
+    """Single draws from torch's global CPU generator through reused one-element tensors.
+
+    `uniform(a, b)` is `torch.empty(1).uniform_(a, b).item()` (and `torch.rand(1)` for 0, 1),
+    `randint(n)` is `torch.randint(0, n, (1,)).item()`: the same kernels on the same generator, so
+    the same values and the same generator state after, without allocating a tensor per draw
+    (a randint costs 1.7 us instead of 6).
+    """
+
+    def __init__(self):
+        self._float, self._long = torch.empty(1), torch.empty(1, dtype=torch.long)
+
+    def uniform(self, low: float = 0.0, high: float = 1.0) -> float:
+        return self._float.uniform_(low, high).item()
+
+    def exp_uniform(self, low: float, high: float) -> float:
+        """exp of a float32 uniform draw, in float32 (torch.exp(torch.empty(1).uniform_(low, high)))."""
+        return self._float.uniform_(low, high).exp_().item()
+
+    def randint(self, high: int) -> int:
+        return self._long.random_(0, high).item()
+
+
+class CropBoxSampler:
+    """torchvision's RandomResizedCrop.get_params(img, scale, ratio) for a width x height image.
+
+    `sampler(width, height)` -> (top, left, h, w) with the same draws from the global generator in
+    the same order (so the same box under the same seed, and the same generator state after),
+    without get_params' per-call overhead (a dimension query, the log of the ratio bounds, a
+    tensor per draw): ~4x faster, and drawing is most of a loader worker's time on small crops.
+    """
+
+    def __init__(self, scale: Sequence[float], ratio: Sequence[float]):
+        self.scale, self.ratio = (float(scale[0]), float(scale[1])), (float(ratio[0]), float(ratio[1]))
+        self.log_ratio = tuple(torch.log(torch.tensor(self.ratio)).tolist())  # float32, as get_params
+        self.draws = TorchDraws()
+
+    def __call__(self, width: int, height: int) -> Box:
+        area, draws = height * width, self.draws
+        (s0, s1), (r0, r1) = self.scale, self.log_ratio
+        for _ in range(10):
+            target_area = area * draws.uniform(s0, s1)
+            aspect_ratio = draws.exp_uniform(r0, r1)
+            w = int(round(math.sqrt(target_area * aspect_ratio)))
+            h = int(round(math.sqrt(target_area / aspect_ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                top = draws.randint(height - h + 1)
+                return top, draws.randint(width - w + 1), h, w
+        w, h = width, height  # 10 misses: the central crop at the nearest allowed ratio (no draw)
+        if width / height < min(self.ratio):
+            h = int(round(w / min(self.ratio)))
+        elif width / height > max(self.ratio):
+            w = int(round(h * max(self.ratio)))
+        return (height - h) // 2, (width - w) // 2, h, w
 
 
 class GeometryView:
@@ -129,7 +187,9 @@ class GeometryView:
     The random draws are made in the order and with the generators of the reference chain
     (RRC, flip, RandomApply + ColorJitter.get_params, RandomGrayscale: torch; blur, solarize:
     Python's `random`), so under the same seed both paths crop identically and draw the same
-    colour parameters; only where the colour work runs differs. `draw` needs only the image size,
+    colour parameters; only where the colour work runs differs (tests/test_geometry_draws.py:
+    the same boxes, coins and pixels as torchvision's calls, without their per-call overhead,
+    which was most of a worker's time on small crops). `draw` needs only the image size,
     which is what lets `data.decode_on: device` (sslcli.data.decode) make exactly these draws
     from a JPEG header and crop on the device. `solarize_p` None: no solarize step in this view
     (the reference chain then draws nothing for it).
@@ -137,33 +197,43 @@ class GeometryView:
 
     def __init__(self, cfg: DataConfig, size: int, scale: tuple[float, float], blur_p: float,
                  solarize_p: float | None = None):
-        self.rrc = T.RandomResizedCrop(size, scale=tuple(scale), interpolation=INTERPOLATION[cfg.interpolation])
+        rrc = T.RandomResizedCrop(size, scale=tuple(scale), interpolation=INTERPOLATION[cfg.interpolation])
+        self.crop_box = CropBoxSampler(rrc.scale, rrc.ratio)
         self.size = size
-        self.jitter = T.ColorJitter(*cfg.color_jitter)
-        self.jitter_p, self.gray_p, self.blur_p, self.solarize_p = (cfg.color_jitter_prob, cfg.grayscale_prob,
-                                                                    blur_p, solarize_p)
+        self.resample = PIL_RESAMPLE[cfg.interpolation]
+        jitter = T.ColorJitter(*cfg.color_jitter)
+        self.jitter_ranges = (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)
+        # torch decides `torch.rand(1) < p` in float32: the same test on the drawn float needs p as float32
+        self.jitter_p, self.gray_p = float32(cfg.color_jitter_prob), float32(cfg.grayscale_prob)
+        self.blur_p, self.solarize_p = blur_p, solarize_p
 
     def draw(self, width: int, height: int) -> ViewDraw:
-        """All random draws of the view for a width x height source image, in the reference order."""
-        box = T.RandomResizedCrop.get_params(_dims(width, height), self.rrc.scale, self.rrc.ratio)
-        flip = bool(torch.rand(1) < 0.5)
+        """All random draws of the view for a width x height source image, in the reference order:
+        RandomHorizontalFlip, RandomApply (`p < torch.rand(1)`: skip), ColorJitter.get_params (a
+        permutation of the four ops, then each factor), RandomGrayscale, blur, solarize."""
+        box = self.crop_box(width, height)
+        draws = self.crop_box.draws
+        flip = draws.uniform() < 0.5
         params = {"order": [0, 1, 2, 3], "brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
-        if not self.jitter_p < torch.rand(1):  # RandomApply's test
-            j = self.jitter
-            order, *factors = T.ColorJitter.get_params(j.brightness, j.contrast, j.saturation, j.hue)
-            params["order"] = order.tolist()
-            for name, value in zip(("brightness", "contrast", "saturation", "hue"), factors):
-                if value is not None:
-                    params[name] = float(value)
-        params["grayscale"] = bool(torch.rand(1) < self.gray_p)
+        if not self.jitter_p < draws.uniform():
+            params["order"] = torch.randperm(4).tolist()
+            for name, bounds in zip(("brightness", "contrast", "saturation", "hue"), self.jitter_ranges):
+                if bounds is not None:
+                    params[name] = draws.uniform(bounds[0], bounds[1])
+        params["grayscale"] = draws.uniform() < self.gray_p
         params["blur_sigma"] = random.uniform(0.1, 2.0) if random.random() < self.blur_p else 0.0
         params["solarize"] = self.solarize_p is not None and random.random() < self.solarize_p
         return box, flip, params
 
     def apply(self, img: Image.Image, box: Box, flip: bool) -> torch.Tensor:
-        """PIL crop `box` resized to S x S (RandomResizedCrop's own resize), flipped -> uint8 [3, S, S]."""
-        img = TF.resized_crop(img, *box, self.rrc.size, self.rrc.interpolation, antialias=self.rrc.antialias)
-        return TF.pil_to_tensor(TF.hflip(img) if flip else img)  # (3, S, S) uint8; datasets load RGB
+        """PIL crop `box` resized to S x S, flipped -> uint8 [3, S, S]: the PIL calls of torchvision's
+        resized_crop + hflip (the reference path's), called directly, without their per-call checks."""
+        top, left, h, w = box
+        img = img.crop((left, top, left + w, top + h)).resize((self.size, self.size), self.resample)
+        if flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)  # datasets load RGB
+        return pixels.view(self.size, self.size, 3).permute(2, 0, 1)  # (3, S, S), a view of (S, S, 3)
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, dict]:
         box, flip, params = self.draw(*img.size)

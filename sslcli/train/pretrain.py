@@ -83,8 +83,9 @@ def pretrain(cfg: Config, opts: RunOptions, make_reporter: Callable[[], Reporter
 
 # Keys that may differ from the run's config on --resume: where the data lives (the same images),
 # how long to train, and how the run is executed and reported. Prefixes end with ".".
-RESUMABLE_KEYS = ("name", "notes", "source.", "data.path", "data.decode_on", "train.epochs", "train.workers",
-                  "train.log_every", "train.checkpoint_every", "train.compile", "train.precision", "monitor.")
+RESUMABLE_KEYS = ("name", "notes", "source.", "data.path", "data.decode_on", "model.attention", "train.epochs",
+                  "train.workers", "train.log_every", "train.checkpoint_every", "train.compile", "train.precision",
+                  "monitor.")
 
 
 def config_differences(old: Config, new: Config) -> list[tuple[str, object, object]]:
