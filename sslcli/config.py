@@ -59,9 +59,10 @@ class ModelConfig:
     # ViT cls_token / pos_embed init: `dino` trunc-normal std 0.02 (DINO); `timm` keeps timm's
     # (cls_token std 1e-6).
     vit_token_init: Literal["dino", "timm"] = "dino"
-    # ViT attention kernel, the same function either way: `fused` torch's scaled_dot_product_attention
-    # (timm's default; less memory on long sequences), `math` softmax(q k^T / sqrt(d)) v as matrix
-    # products (timm's fused_attn=False; ~10 % faster per step on a 2-core CPU for the demo's 17 tokens).
+    # ViT attention kernel, the same function either way: `fused` timm's default (torch's
+    # scaled_dot_product_attention; less memory on long sequences), `math` softmax(q k^T / sqrt(d)) v
+    # as matrix products (timm's fused_attn=False; ~10 % faster per step on a 2-core CPU for the
+    # demo's 17 tokens).
     attention: Literal["fused", "math"] = "fused"
     # Start both backbones from these weights (a run directory, a training checkpoint, an export or
     # a timm state dict in safetensors; sslcli.models.pretrained); heads start fresh. "" = random.

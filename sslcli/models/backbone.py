@@ -16,9 +16,10 @@ ViT fidelity choices (ModelConfig keys):
   which gives different values. DINO's code applies the width factor to the height axis; the two
   agree for square crops (all training crops) and this module maps each axis to its own factor.
 - `vit_token_init: dino`: cls_token trunc-normal std 0.02 like pos_embed (timm: std 1e-6).
-- `attention`: timm's fused kernel (`fused`, torch's scaled_dot_product_attention) or its matrix
-  products (`math`): the same attention, rounded differently; `math` is faster for the short
-  sequences of small crops on a CPU (the demo), `fused` for long ones and on GPUs.
+- `attention`: timm's own choice (`fused`: torch's scaled_dot_product_attention wherever timm
+  uses it) or its matrix products in every attention layer (`math`): the same attention,
+  rounded differently; `math` is faster for the short sequences of small crops on a CPU (the
+  demo), `fused` for long ones and on GPUs.
 """
 
 from __future__ import annotations
@@ -154,9 +155,10 @@ def create_backbone(cfg: ModelConfig, drop_path_rate: float | None = None, mask_
                           f"({type(e).__name__}{': ' + detail if detail else ''})") from None
     if cfg.vit_token_init == "dino" and getattr(model, "cls_token", None) is not None:
         nn.init.trunc_normal_(model.cls_token, std=0.02)  # DINO's init (timm: normal std 1e-6)
-    for module in model.modules():  # timm's attention layers read this flag at every forward
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = cfg.attention == "fused"
+    if cfg.attention == "math":  # timm's attention layers read this flag at every forward
+        for module in model.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = False
     return Backbone(model, cfg.arch, cfg.pos_embed_resample, mask_token)
 
 
