@@ -16,12 +16,12 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms.functional import pil_modes_mapping
 
 from sslcli.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 
 BICUBIC = InterpolationMode.BICUBIC
 INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
-PIL_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
 class GaussianBlur:
@@ -202,7 +202,7 @@ class GeometryView:
         self.draws = TorchDraws()
         self.crop_box = CropBoxSampler(rrc.scale, rrc.ratio, self.draws)
         self.size = size
-        self.resample = PIL_RESAMPLE[cfg.interpolation]
+        self.resample = pil_modes_mapping[INTERPOLATION[cfg.interpolation]]  # the PIL filter torchvision resizes with
         jitter = T.ColorJitter(*cfg.color_jitter)
         self.jitter_ranges = (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)
         # torch decides `torch.rand(1) < p` in float32: the same test on the drawn float needs p as float32
