@@ -37,7 +37,7 @@ runner = CliRunner()
 METHOD_BASES = {
     "dino": [],
     "simdino": ["method.name=simdino"],
-    # DINOv2's default teacher-temperature warm-up (30 epochs) is longer than the demo's 22 epochs
+    # DINOv2's default teacher-temperature warm-up (30 epochs) is longer than the demo's 20 epochs
     "dinov2": ["method.name=dinov2", "data.masking=dinov2", "method.warmup_teacher_temp_epochs=0"],
     "simdinov2": ["method.name=simdinov2", "data.masking=dinov2"],
     "simsiam": ["method.name=simsiam", "data.local_crops=0"],

@@ -114,3 +114,44 @@ def test_optimizers_step(name):
     before = model.weight.detach().clone()
     opt.step()
     assert not torch.equal(before, model.weight)
+
+
+def test_per_parameter_clipping_is_dinos_per_tensor_formula_bit_for_bit():
+    # The batched scales must round exactly as DINO's loop: coef = max / (||g|| + 1e-6), applied when < 1.
+    torch.manual_seed(0)
+    shapes = [(3,), (8, 5), (2, 3, 4), (1,), (16, 16), (7,)] * 3
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for i, p in enumerate(params):
+        p.grad = torch.randn(p.shape) * (0.05 if i % 3 == 0 else 4.0)  # some under the norm, some over
+    expected = []
+    for p in params:
+        g = p.grad.clone()
+        coef = 1.5 / (g.norm() + 1e-6)
+        expected.append(g * coef if coef < 1 else g)
+    clip_gradients_per_param(params, 1.5)
+    assert sum(bool(e.norm() < 1.4) for e in expected) >= 3  # the case mix is real: untouched and clipped
+    assert all(torch.equal(p.grad, e) for p, e in zip(params, expected))
+
+
+def test_cpu_adamw_updates_exactly_as_torchs_default_loop():
+    # build_optimizer's CPU AdamW (multi-tensor) must not move a CPU figure: the same bits as torch's
+    # default CPU implementation (foreach=False), over steps with weight decay on one group only.
+    torch.manual_seed(0)
+    ours, ref = tiny_student(depth=1), tiny_student(depth=1)
+    ref.load_state_dict(ours.state_dict())
+    start = [p.detach().clone() for p in ours.parameters()]
+    opt = build_optimizer(ours, OptimConfig(), torch.device("cpu"))
+    name_of = {id(q): n for n, q in ours.named_parameters()}
+    ref_params = dict(ref.named_parameters())
+    ref_opt = torch.optim.AdamW([{"params": [ref_params[name_of[id(q)]] for q in g["params"]], "wd_mult": g["wd_mult"]}
+                                 for g in opt.param_groups], lr=0.0, betas=OptimConfig().betas, foreach=False)
+    assert opt.defaults["foreach"] is True and [g["wd_mult"] for g in opt.param_groups] == [1.0, 0.0]
+    for step in range(5):
+        grads = [torch.randn_like(p) for p in ours.parameters()]
+        for model, optimizer in ((ours, opt), (ref, ref_opt)):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            set_lr_wd(optimizer, lr=1e-3 * (step + 1), wd=0.04)
+            optimizer.step()
+    assert all(not torch.equal(p, s) for p, s in zip(ours.parameters(), start) if p.requires_grad)
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), ref.parameters()))
