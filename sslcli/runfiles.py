@@ -36,7 +36,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,9 +137,8 @@ def _fsync_dir(folder: Path) -> None:
     except OSError:  # e.g. Windows, where a directory cannot be opened
         return
     try:
-        os.fsync(fd)
-    except OSError:  # some network filesystems refuse to fsync a directory
-        pass
+        with suppress(OSError):  # some network filesystems refuse to fsync a directory
+            os.fsync(fd)
     finally:
         os.close(fd)
 

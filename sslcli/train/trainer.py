@@ -2,7 +2,8 @@
 
 Per batch: batch.decode(device) (`data.decode_on: device`: JPEG bytes -> uint8 crops on the device) ->
 batch.to(device) (uint8 crops) -> batch.colour (the photometric augmentation, batched on
-the device, `data.augment_on: device`; training on a CPU the loader workers have already done it) ->
+the device, `data.augment_on: device`; training on a CPU the loader's collate has already done it, in
+its workers or, with train.workers 0, in this process) ->
 method.loss(batch, ctx) -> backward -> method.cancel_gradients ->
 clip (per parameter or global) -> optimizer step -> method.after_step(ctx, out) (EMA, centre) ->
 bootstrap.observe(ids, anchor). Schedules are precomputed per iteration. The step has no host
